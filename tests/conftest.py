@@ -1,0 +1,29 @@
+"""Session fixtures: tiny real-class models, built once per test session and loaded via ``from_pretrained``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_kontext_path(tmp_path_factory):
+    """Folder holding a tiny ``FluxKontextPipeline`` saved with ``save_pretrained``."""
+    from mtflow.testing.tiny_kontext import build_tiny_kontext
+
+    return build_tiny_kontext(tmp_path_factory.mktemp("models") / "tiny-kontext", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_path(tmp_path_factory):
+    """Folder holding a tiny ``Qwen3VLForConditionalGeneration`` + processor saved with ``save_pretrained``."""
+    from mtflow.testing.tiny_qwen3vl import build_tiny_qwen3vl
+
+    return build_tiny_qwen3vl(tmp_path_factory.mktemp("models") / "tiny-qwen3vl", seed=0)
