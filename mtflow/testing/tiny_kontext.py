@@ -60,42 +60,46 @@ def _vocabulary(extra_words: list[str]) -> list[str]:
     return sorted(words)
 
 
+def _learn_bpe_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Deterministic BPE: merge the most frequent adjacent pair (ties: lexicographically smallest) until every word
+    is one symbol. (The ``tokenizers`` trainer breaks ties by hash order, which differs between runs.)"""
+    corpus = [list(w[:-1]) + [w[-1] + "</w>"] for w in sorted(set(words)) if w]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in corpus:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        joined = best[0] + best[1]
+        for i, symbols in enumerate(corpus):
+            out, j = [], 0
+            while j < len(symbols):
+                if j + 1 < len(symbols) and (symbols[j], symbols[j + 1]) == best:
+                    out.append(joined)
+                    j += 2
+                else:
+                    out.append(symbols[j])
+                    j += 1
+            corpus[i] = out
+
+
 def build_clip_tokenizer(words: list[str], model_max_length: int = 77):
-    """A ``CLIPTokenizer`` whose BPE is trained locally on ``words`` (each word becomes a single token)."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A ``CLIPTokenizer`` (byte-level BPE) whose merges are learned locally so that each of ``words`` is one token."""
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix="", unk_token="<|endoftext|>"))
-    bpe.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    # Same pre-tokenisation as CLIPTokenizer, so the learned merges apply unchanged.
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(
-                Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                behavior="removed",
-                invert=True,
-            ),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,  # large enough that every word of the corpus ends as one token
-        min_frequency=1,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    corpus = [" ".join(words), CHARACTERS, " ".join(CHARACTERS)]
-    bpe.train_from_iterator(corpus * 4, trainer=trainer)
-    import json
-
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=model_max_length)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in ["<|startoftext|>", "<|endoftext|>"] + alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(token, len(vocab))
+    merges = _learn_bpe_merges([w for w in words if w.isascii() and w.isalnum()])
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
 def build_t5_tokenizer(words: list[str], model_max_length: int = 512):
@@ -114,7 +118,9 @@ def build_t5_tokenizer(words: list[str], model_max_length: int = 512):
             if piece not in seen:
                 vocab.append((piece, -12.0))
                 seen.add(piece)
-    return T5Tokenizer(vocab=vocab, extra_ids=0, additional_special_tokens=[], model_max_length=model_max_length)
+    return T5Tokenizer(
+        vocab=vocab, extra_ids=0, additional_special_tokens=[], model_max_length=model_max_length
+    )
 
 
 def build_tiny_kontext_components(spec: TinyKontextSpec | None = None, seed: int = 0) -> dict:
@@ -188,7 +194,11 @@ def build_tiny_kontext_components(spec: TinyKontextSpec | None = None, seed: int
         sample_size=32,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
     return {
         "scheduler": scheduler,
@@ -216,7 +226,9 @@ def build_tiny_kontext(path: str | Path, spec: TinyKontextSpec | None = None, se
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("output", type=Path, help="folder to write the pipeline to")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -1,0 +1,403 @@
+"""FLUX.1-Kontext as an RL policy: loading, LoRA adapters, cached text encoding, latents and velocity.
+
+Everything Kontext-specific lives here (2x2 latent packing, position ids with the reference-image marker,
+VAE shift/scale, the distilled guidance scalar, the resolution-dependent timestep shift); the rollout and the
+trainer only see the ``EditPolicy`` interface (``mtflow/models/base.py``).
+
+Where diffusers already implements a step of ``FluxKontextPipeline`` (prompt encoding, VAE encoding, packing,
+ids, pre/post-processing), this module calls the pipeline's own method, so that a rollout at noise level 0
+reproduces the pipeline's output; ``tests/test_kontext_policy.py`` proves it.
+
+Three policies share one transformer (DESIGN.md section 2): the trained LoRA adapter ``"default"``, optional extra
+adapters (``"old"`` for NFT sampling, ``"ema"`` for evaluation/export) and the frozen base (adapters disabled) as the
+KL reference. Switching adapters never changes which parameters are trainable (peft's own ``set_adapter`` would).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mtflow.models.base import TextEmbeddings
+from mtflow.sampling import TimestepGrid, build_timestep_grid
+
+TRAINED_ADAPTER = "default"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+FEED_FORWARD_LORA_TARGETS = (
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+)
+
+
+class KontextPolicy(nn.Module):
+    """FLUX.1-Kontext editor with LoRA adapters (construction is cheap; ``load()`` reads the weights)."""
+
+    def __init__(
+        self,
+        pretrained: str = "black-forest-labs/FLUX.1-Kontext-dev",
+        revision: str | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16",
+        resolution: int = 512,
+        guidance_scale: float = 2.5,
+        max_sequence_length: int = 512,
+        lora_rank: int = 32,
+        lora_alpha: float | None = None,
+        lora_targets: list[str] | None = None,
+        lora_feed_forward: bool = False,
+        lora_dropout: float = 0.0,
+        lora_init_seed: int = 0,
+        attention_backend: str | None = None,
+        gradient_checkpointing: bool = False,
+        text_cache_size: int = 64,
+        local_files_only: bool = False,
+    ) -> None:
+        """
+        Args:
+            pretrained: hub id or local folder of a FluxKontextPipeline checkpoint.
+            revision: hub revision (branch, tag or commit) of ``pretrained``.
+            dtype: dtype of the frozen base (transformer, VAE, text encoders); LoRA weights are always float32.
+            resolution: square side in pixels that sources and outputs are resized to (multiple of 16 for Kontext).
+            guidance_scale: the distilled guidance scalar fed to the guidance embedding (Kontext-dev: 2.5).
+            max_sequence_length: T5 tokens per instruction (Kontext: 512).
+            lora_rank: LoRA rank r.
+            lora_alpha: LoRA alpha (None: alpha = rank, the scale ComfyUI and diffusers agree on).
+            lora_targets: module names to adapt (None: the attention projections).
+            lora_feed_forward: also adapt the feed-forward layers.
+            lora_dropout: dropout on the LoRA branch.
+            lora_init_seed: seed of the LoRA initialisation (identical on every rank).
+            attention_backend: diffusers attention dispatcher backend ("native", "flash", "xformers", ...; None keeps
+                the default SDPA).
+            gradient_checkpointing: recompute transformer activations in backward to save memory.
+            text_cache_size: encoded instructions kept across calls (LRU); 0 disables the cross-call cache.
+            local_files_only: never contact the hub.
+        """
+        super().__init__()
+        self.pretrained = pretrained
+        self.revision = revision
+        self.dtype_name = dtype
+        self.resolution = resolution
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length
+        self.lora_rank = lora_rank
+        self.lora_alpha = float(lora_rank if lora_alpha is None else lora_alpha)
+        targets = list(lora_targets) if lora_targets else list(ATTENTION_LORA_TARGETS)
+        if lora_feed_forward:
+            targets += [t for t in FEED_FORWARD_LORA_TARGETS if t not in targets]
+        self.lora_targets = targets
+        self.lora_dropout = lora_dropout
+        self.lora_init_seed = lora_init_seed
+        self.attention_backend = attention_backend
+        self.gradient_checkpointing = gradient_checkpointing
+        self.text_cache_size = text_cache_size
+        self.local_files_only = local_files_only
+        self._pipeline = None
+        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.text_encoder_calls = 0  # batches sent through the text encoders (tests assert on it)
+        self.adapter_names: list[str] = []
+
+    # ------------------------------------------------------------------ loading
+    @property
+    def is_loaded(self) -> bool:
+        return self._pipeline is not None
+
+    def load(
+        self, extra_adapters: Sequence[str] = (), device: torch.device | str | None = None
+    ) -> KontextPolicy:
+        """Load the checkpoint, freeze it, add the trained LoRA adapter and ``extra_adapters`` (copies of it)."""
+        if self.is_loaded:
+            return self
+        from diffusers import FluxKontextPipeline
+
+        dtype = DTYPES[self.dtype_name]
+        try:
+            pipe = FluxKontextPipeline.from_pretrained(
+                self.pretrained,
+                revision=self.revision,
+                dtype=dtype,
+                local_files_only=self.local_files_only,
+            )
+        except (OSError, ValueError) as err:  # missing folder, malformed id, no hub access, gated repo
+            raise OSError(
+                f"could not load a FluxKontextPipeline from {self.pretrained!r} "
+                f"(revision={self.revision!r}, local_files_only={self.local_files_only}): {err}"
+            ) from err
+        pipe.set_progress_bar_config(disable=True)
+        if self.resolution % (pipe.vae_scale_factor * 2):
+            raise ValueError(
+                f"resolution {self.resolution} must be a multiple of {pipe.vae_scale_factor * 2}"
+            )
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            module.requires_grad_(False)
+            module.eval()
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        self.text_encoder_2 = pipe.text_encoder_2
+        # The pipeline object is kept (unregistered) for its encode/pack/id helpers; it shares these modules.
+        object.__setattr__(self, "_pipeline", pipe)
+        if self.attention_backend:
+            self.transformer.set_attention_backend(self.attention_backend)
+        if self.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self._add_lora_adapters([TRAINED_ADAPTER, *extra_adapters])
+        if device is not None:
+            self.to(device)
+        return self
+
+    def _add_lora_adapters(self, names: Sequence[str]) -> None:
+        from peft import LoraConfig
+
+        config = LoraConfig(
+            r=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.lora_targets,
+            init_lora_weights=True,  # B = 0: every adapter starts as the base model
+        )
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # several adapters in one model is the point here, not an accident
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            torch.manual_seed(self.lora_init_seed)
+            for name in names:
+                self.transformer.add_adapter(config, adapter_name=name)
+        self.adapter_names = list(names)
+        for layer in self._lora_layers():
+            for name in names:
+                for weights in (layer.lora_A, layer.lora_B):
+                    weights[name].float()  # LoRA in float32 under a bf16 base
+        for name in names[1:]:
+            self.copy_adapter(TRAINED_ADAPTER, name)
+        for pname, param in self.transformer.named_parameters():
+            param.requires_grad_(f".{TRAINED_ADAPTER}." in pname and "lora_" in pname)
+        self._activate(TRAINED_ADAPTER)
+
+    def _require_loaded(self):
+        if self._pipeline is None:
+            raise RuntimeError("KontextPolicy.load() has not been called")
+        return self._pipeline
+
+    # ------------------------------------------------------------------ adapters
+    def _lora_layers(self) -> list[nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.transformer.modules() if isinstance(m, LoraLayer)]
+
+    def _activate(self, name: str | None) -> None:
+        # peft's set_adapter/enable_adapters also flip requires_grad; only the routing flags are changed here.
+        for layer in self._lora_layers():
+            if name is None:
+                layer._disable_adapters = True
+            else:
+                layer._active_adapter = [name]
+                layer._disable_adapters = False
+
+    @contextmanager
+    def use_adapter(self, name: str | None) -> Iterator[None]:
+        """Route forward passes through adapter ``name`` (None: adapters disabled, i.e. the frozen base)."""
+        if name is not None and name not in self.adapter_names:
+            raise KeyError(f"unknown adapter {name!r}; have {self.adapter_names}")
+        layers = self._lora_layers()
+        saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+        self._activate(name)
+        try:
+            yield
+        finally:
+            for layer, (active, disabled) in zip(layers, saved):
+                layer._active_adapter = active
+                layer._disable_adapters = disabled
+
+    def adapter_parameters(self, name: str = TRAINED_ADAPTER) -> list[nn.Parameter]:
+        """The LoRA parameters of one adapter, in a fixed order (same order for every adapter)."""
+        return [p for n, p in self.adapter_named_parameters(name)]
+
+    def adapter_named_parameters(self, name: str = TRAINED_ADAPTER) -> list[tuple[str, nn.Parameter]]:
+        """(module path without the adapter name, parameter) pairs, e.g. ``transformer_blocks.0.attn.to_q.lora_A.weight``."""
+        marker = f".{name}."
+        out = []
+        for pname, param in self.transformer.named_parameters():
+            if "lora_" in pname and marker in pname:
+                out.append((pname.replace(marker, "."), param))
+        return out
+
+    @torch.no_grad()
+    def copy_adapter(self, source: str, target: str) -> None:
+        """target <- source, parameter by parameter."""
+        for dst, src in zip(self.adapter_parameters(target), self.adapter_parameters(source), strict=True):
+            dst.copy_(src)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """(h, w) of the unpacked latent grid."""
+        pipe = self._require_loaded()
+        side = 2 * (self.resolution // (pipe.vae_scale_factor * 2))
+        return side, side
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    @property
+    def image_seq_len(self) -> int:
+        h, w = self.latent_hw
+        return (h // 2) * (w // 2)
+
+    def timestep_grid(self, num_steps: int) -> TimestepGrid:
+        """The pipeline's grid: linspace(1, 1/T, T) shifted by mu(target tokens)."""
+        pipe = self._require_loaded()
+        return build_timestep_grid(pipe.scheduler, num_steps, self.image_seq_len, device=self.device)
+
+    def _image_ids(self, device: torch.device) -> torch.Tensor:
+        """[L + L_ref, 3]: target ids, then reference ids with the Kontext marker 1 in the first coordinate."""
+        pipe = self._require_loaded()
+        h, w = self.latent_hw
+        target = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, self.model_dtype)
+        reference = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, self.model_dtype)
+        reference[..., 0] = 1
+        return torch.cat([target, reference], dim=0)
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_text(self, instructions: Sequence[str]) -> TextEmbeddings:
+        """Encode each distinct instruction once (one batched encoder call for all cache misses)."""
+        pipe = self._require_loaded()
+        unique = list(dict.fromkeys(instructions))
+        missing = [t for t in unique if t not in self._text_cache]
+        fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if missing:
+            prompt_embeds, pooled, _ = pipe.encode_prompt(
+                prompt=missing,
+                prompt_2=None,
+                device=self.device,
+                max_sequence_length=self.max_sequence_length,
+            )
+            self.text_encoder_calls += 1
+            fresh = {t: (prompt_embeds[i], pooled[i]) for i, t in enumerate(missing)}
+        rows = [fresh[t] if t in fresh else self._text_cache[t] for t in unique]
+        for t in unique:
+            if self.text_cache_size > 0:
+                self._text_cache[t] = fresh.get(t) or self._text_cache[t]
+                self._text_cache.move_to_end(t)
+        while len(self._text_cache) > self.text_cache_size:
+            self._text_cache.popitem(last=False)
+        prompt_embeds = torch.stack([r[0] for r in rows])
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=self.text_encoder.dtype)
+        return TextEmbeddings(
+            texts=unique,
+            prompt_embeds=prompt_embeds,
+            pooled_embeds=torch.stack([r[1] for r in rows]),
+            text_ids=text_ids,
+        )
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
+
+    # ------------------------------------------------------------------ images and latents
+    def images_to_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Resize and normalise as FluxKontextPipeline does: [N, 3, H, W] float32 in [-1, 1] on the policy device."""
+        pipe = self._require_loaded()
+        side = self.resolution
+        resized = [pipe.image_processor.resize(img.convert("RGB"), side, side) for img in images]
+        return pipe.image_processor.preprocess(resized, side, side).to(self.device, torch.float32)
+
+    @staticmethod
+    def uint8_to_pixels(images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] uint8 -> float32 in [-1, 1], bit-identical to preprocessing the saved PNG."""
+        return 2.0 * (images.float() / 255.0) - 1.0
+
+    @torch.no_grad()
+    def encode_reference(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> [N, L_ref, C] float32: VAE mode, (z - shift) * scale, 2x2 packed."""
+        pipe = self._require_loaded()
+        latents = pipe._encode_vae_image(pixels.to(self.device, self.vae.dtype), generator=None)
+        n, c, h, w = latents.shape
+        return pipe._pack_latents(latents, n, c, h, w).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[N, L, C] packed latents -> [N, 3, H, W] uint8 (rounded as diffusers' numpy_to_pil rounds)."""
+        pipe = self._require_loaded()
+        side = self.resolution
+        z = pipe._unpack_latents(latents.to(self.vae.dtype), side, side, pipe.vae_scale_factor)
+        z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(z, return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image, output_type="pt")  # [0, 1]
+        return (image.float() * 255).round().to(torch.uint8)
+
+    def initial_noise(self, num: int, generator: torch.Generator | None) -> torch.Tensor:
+        """N(0, I) drawn in the unpacked latent shape (as the pipeline draws it), then packed: [num, L, C] float32."""
+        pipe = self._require_loaded()
+        h, w = self.latent_hw
+        c = self.latent_channels
+        noise = torch.randn((num, c, h, w), generator=generator, device=self.device, dtype=torch.float32)
+        return pipe._pack_latents(noise, num, c, h, w)
+
+    # ------------------------------------------------------------------ the model
+    def velocity(
+        self,
+        x: torch.Tensor,
+        model_timestep: torch.Tensor,
+        reference: torch.Tensor,
+        text: TextEmbeddings,
+        text_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """Velocity of the active adapter, [N, L, C] float32 (the reference tokens are sliced off).
+
+        Args:
+            x: [N, L, C]; model_timestep: [N] or scalar; reference: [N, L_ref, C]; text_index: [N].
+        """
+        n, length, _ = x.shape
+        dtype = self.model_dtype
+        hidden = torch.cat([x.to(dtype), reference.to(dtype)], dim=1)
+        timestep = torch.as_tensor(model_timestep, device=x.device, dtype=torch.float32).expand(n).to(dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((n,), self.guidance_scale, device=x.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=hidden,
+            timestep=timestep,
+            guidance=guidance,
+            pooled_projections=text.pooled_embeds[text_index],
+            encoder_hidden_states=text.prompt_embeds[text_index],
+            txt_ids=text.text_ids,
+            img_ids=self._image_ids(x.device),
+            return_dict=False,
+        )[0]
+        return out[:, :length].float()
+
+    # ------------------------------------------------------------------ misc
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def save_pretrained_base(self, path: str | Path) -> None:
+        """Save the (frozen) base pipeline, e.g. to reuse a trained toy prior as a checkpoint folder."""
+        self._require_loaded().save_pretrained(path)

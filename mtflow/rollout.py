@@ -1,0 +1,305 @@
+"""Multi-turn rollouts: B chains x G trajectories x K turns, each turn editing its own trajectory's previous output.
+
+Trajectories are laid out flat, ``n = b * G + g`` (chain b, member g); every tensor below uses that order. Each
+turn's output is decoded to uint8 pixels and re-encoded as the next turn's reference, as at inference time
+(DESIGN.md section 2: exposure bias lives in that round trip). All N trajectories of a turn advance together,
+``forward_batch_size`` samples per transformer call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from mtflow.data.records import EditChain
+from mtflow.models.base import EditPolicy, TextEmbeddings
+from mtflow.sampling import StochasticMode, sde_step, stochastic_steps, transition_log_prob
+
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How trajectories are sampled.
+
+    Attributes:
+        group_size: G trajectories per chain.
+        num_steps: T sampler steps per turn.
+        noise_level: a of the SDE (0 = deterministic ODE sampling).
+        stochastic: which steps use the SDE and are recorded for training: "all", "window" or "none".
+        window_size: W, the number of consecutive SDE steps in window mode.
+        forward_batch_size: samples per transformer forward (memory bound).
+        store_dtype: dtype of recorded states ("bfloat16" halves rollout memory; log-probs stay exact).
+    """
+
+    group_size: int = 16
+    num_steps: int = 12
+    noise_level: float = 0.9
+    stochastic: StochasticMode = "all"
+    window_size: int = 2
+    forward_batch_size: int = 16
+    store_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass
+class Rollout:
+    """Everything the judge and the losses need from one rollout. N = B * G, S = recorded (stochastic) steps.
+
+    Attributes:
+        chains: the B chains (ids, instructions, metadata for the judge).
+        group_size: G.
+        text: the unique instructions' embeddings; ``text_index`` points into it.
+        text_index: [N, K] long, the instruction row of trajectory n at turn k.
+        source_images: [B, 3, H, W] uint8, sources after resizing to the policy resolution.
+        images: [N, K, 3, H, W] uint8, the output of every turn.
+        reference_latents: [N, K, L_ref, C] float32, the conditioning of every turn (turn 1: the source).
+        final_latents: [N, K, L, C] float32, the clean latent each turn's sampler ended at.
+        states: [N, K, S, L, C] (store dtype), x before each recorded step.
+        next_states: [N, K, S, L, C] (store dtype), x' after each recorded step.
+        log_probs: [N, K, S] float32, log p(x' | x) under the sampling policy.
+        step_indices: [S] long, grid index i of each recorded step.
+        sigmas: [T + 1] float32 grid; model_timesteps: [T] float32 transformer time input.
+        noise_level: the a used.
+        stats: timings and counts (``perf/rollout_s``, ...).
+    """
+
+    chains: list[EditChain]
+    group_size: int
+    text: TextEmbeddings
+    text_index: torch.Tensor
+    source_images: torch.Tensor
+    images: torch.Tensor
+    reference_latents: torch.Tensor
+    final_latents: torch.Tensor
+    states: torch.Tensor
+    next_states: torch.Tensor
+    log_probs: torch.Tensor
+    step_indices: torch.Tensor
+    sigmas: torch.Tensor
+    model_timesteps: torch.Tensor
+    noise_level: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_chains(self) -> int:
+        return len(self.chains)
+
+    @property
+    def num_trajectories(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_turns(self) -> int:
+        return self.images.shape[1]
+
+    def chain_of(self, n: int) -> int:
+        return n // self.group_size
+
+    def output_pil(self, n: int, k: int) -> Image.Image:
+        return uint8_to_pil(self.images[n, k])
+
+    def source_pil(self, b: int) -> Image.Image:
+        return uint8_to_pil(self.source_images[b])
+
+
+def uint8_to_pil(image: torch.Tensor) -> Image.Image:
+    """[3, H, W] uint8 -> PIL RGB."""
+    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy(), mode="RGB")
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] float in [-1, 1] (from uint8 sources) -> uint8, exact inverse of ``uint8_to_pixels``."""
+    return ((pixels.float() + 1.0) / 2.0 * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def _batched(total: int, size: int):
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))
+
+
+@torch.no_grad()
+def rollout(
+    policy: EditPolicy,
+    chains: Sequence[EditChain],
+    config: RolloutConfig,
+    generator: torch.Generator | None = None,
+    adapter: str | None = "default",
+) -> Rollout:
+    """Sample G trajectories of K turns for each chain.
+
+    Args:
+        policy: the editor (its ``adapter`` is used for sampling: the trained one for GRPO, "old" for NFT).
+        chains: B chains with the same number of turns K.
+        config: sampling settings.
+        generator: source of all randomness (initial noise, SDE noise, window position).
+        adapter: adapter to sample with (None: the frozen base).
+    """
+    if not chains:
+        raise ValueError("rollout needs at least one chain")
+    turns = {c.num_turns for c in chains}
+    if len(turns) != 1:
+        raise ValueError(f"all chains of a batch must have the same number of turns, got {sorted(turns)}")
+    num_turns = turns.pop()
+    group = config.group_size
+    num_chains = len(chains)
+    n_total = num_chains * group
+    store_dtype = STORE_DTYPES[config.store_dtype]
+    started = time.perf_counter()
+
+    with policy.use_adapter(adapter):
+        text = policy.encode_text([c for chain in chains for c in chain.instructions])
+        per_chain = text.index_of([c for chain in chains for c in chain.instructions]).view(
+            num_chains, num_turns
+        )
+        text_index = per_chain.repeat_interleave(group, dim=0)  # [N, K]
+
+        source_pixels = policy.images_to_pixels([chain.source for chain in chains])  # [B, 3, H, W]
+        # The source is encoded once per chain, not once per trajectory.
+        reference = policy.encode_reference(source_pixels).repeat_interleave(group, dim=0)  # [N, L_ref, C]
+
+        grid = policy.timestep_grid(config.num_steps)
+        sigmas = grid.sigmas.float()
+        recorded = stochastic_steps(config.num_steps, config.stochastic, config.window_size, generator)
+        noise_level = config.noise_level if config.stochastic != "none" else 0.0
+
+        images, references, finals, states, next_states, log_probs = [], [], [], [], [], []
+        forward_calls = 0
+        for k in range(num_turns):
+            references.append(reference)
+            x = policy.initial_noise(n_total, generator)
+            turn_states, turn_next, turn_logp = [], [], []
+            for i in range(config.num_steps):
+                if i in recorded:
+                    # the model sees exactly the state that is stored, so recomputation is bit-exact
+                    x = x.to(store_dtype).float()
+                velocity = torch.empty_like(x)
+                for sl in _batched(n_total, config.forward_batch_size):
+                    velocity[sl] = policy.velocity(
+                        x[sl], grid.model_timesteps[i], reference[sl], text, text_index[sl, k]
+                    )
+                    forward_calls += 1
+                step_noise = noise_level if i in recorded else 0.0
+                step = sde_step(
+                    x,
+                    velocity,
+                    sigmas[i],
+                    sigmas[i + 1],
+                    step_noise,
+                    generator=generator,
+                    store_dtype=store_dtype if i in recorded else None,
+                )
+                if i in recorded:
+                    turn_states.append(x.to(store_dtype))
+                    turn_next.append(step.x_next.to(store_dtype))
+                    turn_logp.append(step.log_prob)
+                x = step.x_next
+            finals.append(x)
+            turn_images = torch.cat(
+                [policy.decode(x[sl]) for sl in _batched(n_total, config.forward_batch_size)]
+            )
+            images.append(turn_images)
+            if turn_states:
+                states.append(torch.stack(turn_states, dim=1))
+                next_states.append(torch.stack(turn_next, dim=1))
+                log_probs.append(torch.stack(turn_logp, dim=1))
+            if k + 1 < num_turns:
+                # Chain through pixels: the next turn edits exactly the uint8 image a user would have saved.
+                reference = torch.cat(
+                    [
+                        policy.encode_reference(policy.uint8_to_pixels(turn_images[sl]))
+                        for sl in _batched(n_total, config.forward_batch_size)
+                    ]
+                )
+
+    num_recorded = len(recorded)
+    latent_shape = tuple(finals[0].shape[1:])
+    if num_recorded:
+        states_t = torch.stack(states, dim=1)
+        next_t = torch.stack(next_states, dim=1)
+        logp_t = torch.stack(log_probs, dim=1)
+    else:
+        states_t = torch.empty(
+            (n_total, num_turns, 0, *latent_shape), dtype=store_dtype, device=finals[0].device
+        )
+        next_t = states_t.clone()
+        logp_t = torch.empty((n_total, num_turns, 0), device=finals[0].device)
+    elapsed = time.perf_counter() - started
+    return Rollout(
+        chains=list(chains),
+        group_size=group,
+        text=text,
+        text_index=text_index,
+        source_images=pixels_to_uint8(source_pixels),
+        images=torch.stack(images, dim=1),
+        reference_latents=torch.stack(references, dim=1),
+        final_latents=torch.stack(finals, dim=1),
+        states=states_t,
+        next_states=next_t,
+        log_probs=logp_t,
+        step_indices=torch.tensor(recorded, dtype=torch.long),
+        sigmas=sigmas,
+        model_timesteps=grid.model_timesteps.float(),
+        noise_level=noise_level,
+        stats={
+            "perf/rollout_s": elapsed,
+            "perf/rollout_forward_calls": float(forward_calls),
+            "perf/trajectories_per_s": n_total / max(elapsed, 1e-9),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class TransitionBatch:
+    """A micro-batch of recorded transitions: trajectories ``trajectories`` at turn ``turn``, recorded step ``step``.
+
+    Training iterates over exactly the batches the rollout used (same turn, same step, same trajectory slices), so
+    that recomputed log-probs with unchanged weights equal the recorded ones bit for bit (ratio exactly 1).
+    """
+
+    trajectories: slice
+    turn: int
+    step: int
+
+
+def transition_batches(rollout: Rollout, batch_size: int) -> list[TransitionBatch]:
+    """All recorded transitions of ``rollout`` as micro-batches of at most ``batch_size`` trajectories, in
+    (turn, step, slice) order."""
+    num_steps = rollout.step_indices.numel()
+    return [
+        TransitionBatch(sl, k, s)
+        for k in range(rollout.num_turns)
+        for s in range(num_steps)
+        for sl in _batched(rollout.num_trajectories, batch_size)
+    ]
+
+
+def recompute_transition(policy: EditPolicy, rollout: Rollout, batch: TransitionBatch):
+    """Velocity and log-prob of a recorded transition under the policy's active adapter (differentiable).
+
+    Returns:
+        log_prob [M] float32, mean [M, L, C] float32, std (broadcastable), velocity [M, L, C] float32.
+    """
+    sl, k, s = batch.trajectories, batch.turn, batch.step
+    i = int(rollout.step_indices[s])
+    x = rollout.states[sl, k, s].float()
+    velocity = policy.velocity(
+        x,
+        rollout.model_timesteps[i],
+        rollout.reference_latents[sl, k],
+        rollout.text,
+        rollout.text_index[sl, k],
+    )
+    log_prob, mean, std = transition_log_prob(
+        x,
+        velocity,
+        rollout.next_states[sl, k, s],
+        rollout.sigmas[i],
+        rollout.sigmas[i + 1],
+        rollout.noise_level,
+    )
+    return log_prob, mean, std, velocity

@@ -1,0 +1,137 @@
+"""Multi-turn rollouts: chaining through each trajectory's own pixels, recorded log-probs, shapes and modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtflow.data.records import EditChain
+from mtflow.models.kontext import KontextPolicy
+from mtflow.rollout import RolloutConfig, recompute_transition, rollout, transition_batches
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_kontext_path):
+    policy = KontextPolicy(
+        str(tiny_kontext_path), dtype="float32", resolution=RES, max_sequence_length=32, lora_rank=4
+    )
+    policy.load()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # non-zero LoRA so that the trained adapter differs from the base
+        for p in policy.adapter_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return policy
+
+
+def _chains(num: int, turns: int = 3) -> list[EditChain]:
+    rng = np.random.default_rng(0)
+    words = ["make it red", "add a circle", "remove the square", "turn the background blue"]
+    return [
+        EditChain(
+            f"chain{b}",
+            Image.fromarray(
+                rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            ),  # resized to 32 x 32 by the policy
+            [words[(b + k) % len(words)] for k in range(turns)],
+        )
+        for b in range(num)
+    ]
+
+
+def test_shapes_and_layout(policy):
+    config = RolloutConfig(group_size=3, num_steps=3, noise_level=0.9, stochastic="all", forward_batch_size=4)
+    result = rollout(policy, _chains(2), config, generator=torch.Generator().manual_seed(0))
+    n, k, s, length, c = 6, 3, 3, policy.image_seq_len, 16
+    assert result.images.shape == (n, k, 3, RES, RES) and result.images.dtype == torch.uint8
+    assert result.source_images.shape == (2, 3, RES, RES)
+    assert result.states.shape == (n, k, s, length, c) and result.next_states.shape == (n, k, s, length, c)
+    assert result.log_probs.shape == (n, k, s) and torch.isfinite(result.log_probs).all()
+    assert result.reference_latents.shape == (n, k, length, c) and result.final_latents.shape == (
+        n,
+        k,
+        length,
+        c,
+    )
+    assert result.step_indices.tolist() == [0, 1, 2]
+    # consecutive recorded steps chain: x' of step i is x of step i + 1
+    assert torch.equal(result.next_states[:, :, :-1], result.states[:, :, 1:])
+    assert [result.chain_of(i) for i in range(n)] == [0, 0, 0, 1, 1, 1]
+    # trajectories of a group differ (independent noise), groups share their source
+    assert not torch.equal(result.images[0, 0], result.images[1, 0])
+    assert torch.equal(result.reference_latents[0, 0], result.reference_latents[2, 0])
+
+
+def test_turn_k_plus_1_edits_its_own_trajectory_output(policy):
+    config = RolloutConfig(group_size=2, num_steps=2, noise_level=0.9, stochastic="all")
+    result = rollout(policy, _chains(2), config, generator=torch.Generator().manual_seed(1))
+    for n in range(result.num_trajectories):
+        for k in range(result.num_turns - 1):
+            own = policy.encode_reference(policy.uint8_to_pixels(result.images[n : n + 1, k]))
+            torch.testing.assert_close(result.reference_latents[n : n + 1, k + 1], own, atol=1e-5, rtol=0)
+            other = policy.encode_reference(
+                policy.uint8_to_pixels(result.images[(n + 1) % 4 : (n + 1) % 4 + 1, k])
+            )
+            assert (result.reference_latents[n, k + 1] - other[0]).abs().max() > 1e-3
+            source = result.reference_latents[n, 0]
+            assert (result.reference_latents[n, k + 1] - source).abs().max() > 1e-3
+    # turn 1 is conditioned on the source of the trajectory's own chain
+    src = policy.encode_reference(policy.images_to_pixels([c.source for c in result.chains]))
+    torch.testing.assert_close(result.reference_latents[:, 0], src.repeat_interleave(2, 0), atol=1e-6, rtol=0)
+
+
+def test_recomputed_log_probs_give_ratio_exactly_one(policy):
+    config = RolloutConfig(group_size=3, num_steps=3, noise_level=0.9, stochastic="all", forward_batch_size=4)
+    result = rollout(policy, _chains(2), config, generator=torch.Generator().manual_seed(2))
+    batches = transition_batches(result, config.forward_batch_size)
+    assert len(batches) == 3 * 3 * 2  # turns x steps x slices of 6 trajectories by 4
+    for batch in batches:
+        log_prob, _, _, velocity = recompute_transition(policy, result, batch)
+        assert velocity.requires_grad
+        ratio = torch.exp(log_prob - result.log_probs[batch.trajectories, batch.turn, batch.step])
+        assert torch.equal(ratio, torch.ones_like(ratio))
+
+
+def test_bf16_storage_still_recomputes_exactly(policy):
+    config = RolloutConfig(
+        group_size=2, num_steps=2, noise_level=0.9, stochastic="all", store_dtype="bfloat16"
+    )
+    result = rollout(policy, _chains(1, turns=2), config, generator=torch.Generator().manual_seed(3))
+    assert result.states.dtype == torch.bfloat16
+    for batch in transition_batches(result, config.forward_batch_size):
+        log_prob, *_ = recompute_transition(policy, result, batch)
+        assert torch.equal(log_prob, result.log_probs[batch.trajectories, batch.turn, batch.step])
+
+
+def test_window_and_deterministic_modes(policy):
+    window = RolloutConfig(group_size=2, num_steps=4, noise_level=0.9, stochastic="window", window_size=2)
+    result = rollout(policy, _chains(1, turns=2), window, generator=torch.Generator().manual_seed(4))
+    steps = result.step_indices.tolist()
+    assert len(steps) == 2 and steps[1] == steps[0] + 1
+    assert result.states.shape[2] == 2
+    # Two trajectories that share everything up to the window start are identical there: steps before the window
+    # are deterministic, so both trajectories start the window from their own noise but with ODE steps only.
+    none = RolloutConfig(group_size=2, num_steps=3, stochastic="none")
+    det = rollout(policy, _chains(1, turns=2), none, generator=torch.Generator().manual_seed(5))
+    assert det.states.shape[2] == 0 and det.log_probs.shape == (2, 2, 0) and det.noise_level == 0.0
+    again = rollout(policy, _chains(1, turns=2), none, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(det.images, again.images)
+
+
+def test_same_seed_same_rollout_and_adapter_matters(policy):
+    config = RolloutConfig(group_size=2, num_steps=2, noise_level=0.9)
+    a = rollout(policy, _chains(1), config, generator=torch.Generator().manual_seed(6))
+    b = rollout(policy, _chains(1), config, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.images, b.images) and torch.equal(a.log_probs, b.log_probs)
+    base = rollout(policy, _chains(1), config, generator=torch.Generator().manual_seed(6), adapter=None)
+    assert not torch.equal(a.final_latents, base.final_latents)
+
+
+def test_bad_batches_are_refused(policy):
+    with pytest.raises(ValueError, match="same number of turns"):
+        rollout(policy, _chains(1, turns=2) + _chains(1, turns=3), RolloutConfig(group_size=1, num_steps=1))
+    with pytest.raises(ValueError, match="at least one chain"):
+        rollout(policy, [], RolloutConfig())
