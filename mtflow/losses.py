@@ -11,7 +11,7 @@ Stats are detached 0-d float32 tensors (weighted means over the included samples
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +48,16 @@ def _weighted_mean(values: Tensor, weight: Tensor, include: Tensor, denominator:
 
 
 def _stat(values: Tensor, weight: Tensor, include: Tensor, denominator: Tensor) -> Tensor:
+    """Detached weighted mean; NaN when no sample is included (no host sync)."""
     with torch.no_grad():
-        if not bool(include.any()):
-            return torch.full((), float("nan"), device=values.device)
-        return _weighted_mean(values.detach().float(), weight, include, denominator)
+        value = _weighted_mean(values.detach().float(), weight, include, denominator)
+        return torch.where(include.any(), value, torch.full_like(value, float("nan")))
+
+
+def _mask_rows(value: Tensor, include: Tensor, fill: float = 0.0) -> Tensor:
+    """Replace the rows (first dim) of excluded samples by ``fill`` so that garbage there cannot reach a gradient."""
+    keep = include.reshape(-1, *([1] * (value.ndim - 1)))
+    return torch.where(keep, value, torch.full((), fill, dtype=value.dtype, device=value.device))
 
 
 # ------------------------------------------------------------------------------------------------------- GRPO
@@ -104,6 +110,43 @@ def gaussian_mean_kl(mean: Tensor, ref_mean: Tensor, std: Tensor | float) -> Ten
     return per_element.flatten(1).mean(dim=1)
 
 
+@dataclass
+class GRPOTerms:
+    """Per-sample terms of the clipped objective.
+
+    Attributes:
+        objective: [M] float32 min(rho A, clip(rho, 1 - eps, 1 + eps) A), differentiable in the log-ratio.
+        ratio: [M] float32 rho (detached).
+        clipped: [M] bool, |rho - 1| > eps (PPO's clip-fraction convention).
+        clip_active: [M] bool, the clip stopped the gradient (rho > 1 + eps with A > 0, rho < 1 - eps with A < 0).
+    """
+
+    objective: Tensor
+    ratio: Tensor
+    clipped: Tensor
+    clip_active: Tensor
+
+
+def grpo_terms(log_ratio: Tensor, advantages: Tensor, clip_eps: float) -> GRPOTerms:
+    """Torch reference of the per-sample GRPO terms.
+
+    Args:
+        log_ratio: [M] float32 log p_theta - log p_old (differentiable), finite.
+        advantages: [M] float32 (constant).
+        clip_eps: clip range eps.
+    """
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    objective = torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    with torch.no_grad():
+        ratio_value = ratio.detach()
+        clip_active = ((advantages > 0) & (ratio_value > 1.0 + clip_eps)) | (
+            (advantages < 0) & (ratio_value < 1.0 - clip_eps)
+        )
+        clipped = (ratio_value - 1.0).abs() > clip_eps
+    return GRPOTerms(objective=objective, ratio=ratio_value, clipped=clipped, clip_active=clip_active)
+
+
 def grpo_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
@@ -113,6 +156,9 @@ def grpo_loss(
     mean: Tensor | None = None,
     ref_mean: Tensor | None = None,
     std: Tensor | float | None = None,
+    *,
+    terms_fn: Callable[[Tensor, Tensor, float], GRPOTerms] = grpo_terms,
+    kl_fn: Callable[[Tensor, Tensor, Tensor | float], Tensor] = gaussian_mean_kl,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy-gradient loss of Flow-GRPO plus the optional Gaussian-mean KL.
 
@@ -129,6 +175,8 @@ def grpo_loss(
         weight: [M] >= 0 or None; 0 excludes the sample.
         mean, ref_mean, std: trained and reference transition means [M, ...] and std (see ``gaussian_mean_kl``).
             Required when ``beta_kl > 0``; when given with ``beta_kl = 0`` the KL is only logged.
+        terms_fn, kl_fn: implementations of the per-sample terms and KL (default: the torch references here;
+            ``mtflow.kernels`` passes its fused kernels).
 
     Returns:
         (loss 0-d float32, stats): ``loss/policy``, ``loss/kl`` (weighted mean KL; NaN when means not given),
@@ -146,37 +194,39 @@ def grpo_loss(
     # Masked before exp so that an excluded sample's garbage cannot overflow into an inf * 0 = NaN gradient.
     log_ratio = torch.where(include, log_ratio, torch.zeros_like(log_ratio))
     adv = torch.where(include, advantages.detach().float(), torch.zeros_like(log_ratio))
-    ratio = torch.exp(log_ratio)
-    clipped_ratio = ratio.clamp(1.0 - config.clip_eps, 1.0 + config.clip_eps)
-    objective = torch.minimum(ratio * adv, clipped_ratio * adv)
-    policy_loss = -_weighted_mean(objective, weight, include, denominator)
+    terms = terms_fn(log_ratio, adv, config.clip_eps)
+    policy_loss = -_weighted_mean(terms.objective, weight, include, denominator)
 
     has_means = mean is not None and ref_mean is not None and std is not None
     if config.beta_kl > 0 and not has_means:
         raise ValueError("grpo_loss: beta_kl > 0 needs mean, ref_mean and std (the reference policy's mean)")
     if has_means:
-        if mean.ndim < 1 or mean.shape[0] != num:
+        if mean.ndim < 2 or mean.shape[0] != num:
             raise ValueError(f"mean must be [M, ...] with M = {num}, got shape {tuple(mean.shape)}")
-        kl = gaussian_mean_kl(mean, ref_mean.detach(), std)
+        ref_mean = ref_mean.detach()
+        if not bool(include.all()):
+            mean, ref_mean = _mask_rows(mean, include), _mask_rows(ref_mean, include)
+            std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+            if std.ndim > 0 and std.numel() == num:
+                std = torch.where(include, std.reshape(num), torch.ones_like(std.reshape(num)))
+        kl = kl_fn(mean, ref_mean, std)
         kl_loss = _weighted_mean(kl, weight, include, denominator)
     else:
-        kl = None
-        kl_loss = torch.zeros((), device=log_prob.device)
+        kl_loss = None
     loss = policy_loss + config.beta_kl * kl_loss if config.beta_kl > 0 else policy_loss
 
     with torch.no_grad():
+        ratio = terms.ratio
         nan = torch.full((), float("nan"), device=log_prob.device)
-        active = ((adv > 0) & (ratio > 1.0 + config.clip_eps)) | ((adv < 0) & (ratio < 1.0 - config.clip_eps))
+        ratio_max = torch.where(include, ratio, torch.full_like(ratio, -float("inf"))).amax() if num else nan
         stats = {
             "loss/policy": policy_loss.detach(),
-            "loss/kl": kl_loss.detach() if kl is not None else nan,
-            "policy/clip_frac": _stat(
-                ((ratio - 1.0).abs() > config.clip_eps).float(), weight, include, denominator
-            ),
-            "policy/clip_frac_active": _stat(active.float(), weight, include, denominator),
-            "policy/approx_kl": _stat(ratio - 1.0 - log_ratio, weight, include, denominator),
+            "loss/kl": kl_loss.detach() if kl_loss is not None else nan,
+            "policy/clip_frac": _stat(terms.clipped.float(), weight, include, denominator),
+            "policy/clip_frac_active": _stat(terms.clip_active.float(), weight, include, denominator),
+            "policy/approx_kl": _stat(ratio - 1.0 - log_ratio.detach(), weight, include, denominator),
             "policy/ratio_mean": _stat(ratio, weight, include, denominator),
-            "policy/ratio_max": ratio[include].max() if bool(include.any()) else nan,
+            "policy/ratio_max": torch.where(include.any(), ratio_max, nan),
         }
     return loss, stats
 
@@ -214,20 +264,65 @@ def nft_optimality(advantages: Tensor, a_max: float) -> Tensor:
     return 0.5 + advantages.detach().float().clamp(-a_max, a_max) / (2.0 * a_max)
 
 
-def nft_x0_error(x0_hat: Tensor, x0: Tensor, norm_floor: float) -> tuple[Tensor, Tensor]:
-    """Self-normalised x0-space error of DiffusionNFT.
+@dataclass
+class NFTReductions:
+    """Per-sample means over the non-batch dims, each [M] float32.
+
+    Attributes:
+        pos_sq: mean (x0_hat(v+) - x0)^2, differentiable in v_theta.
+        pos_abs: mean |x0_hat(v+) - x0| (no gradient).
+        neg_sq: mean (x0_hat(v-) - x0)^2, differentiable in v_theta.
+        neg_abs: mean |x0_hat(v-) - x0| (no gradient).
+        ref_sq: mean (v_theta - v_ref)^2, differentiable; None without v_ref.
+        old_sq: mean (v_theta - v_old)^2 (no gradient; logged).
+    """
+
+    pos_sq: Tensor
+    pos_abs: Tensor
+    neg_sq: Tensor
+    neg_abs: Tensor
+    ref_sq: Tensor | None
+    old_sq: Tensor
+
+
+def nft_reductions(
+    v_theta: Tensor,
+    v_old: Tensor,
+    x_t: Tensor,
+    x0: Tensor,
+    sigma: Tensor,
+    beta: float,
+    v_ref: Tensor | None = None,
+) -> NFTReductions:
+    """Torch reference of the elementwise part of the NFT loss (float32 whatever the input dtype).
 
     Args:
-        x0_hat, x0: [M, ...] (float32).
-    Returns:
-        (loss [M] = mean over non-batch dims of (x0_hat - x0)^2 / n, n [M] = max(mean |x0_hat - x0|, floor)
-        computed without gradient).
+        v_theta: [M, ...] (differentiable); v_old, x_t, x0, v_ref: [M, ...] constants; sigma: [M]; beta: NFT beta.
     """
-    error = x0_hat - x0
+    v = v_theta.float()
+    v_old = v_old.detach().float()
+    x_t = x_t.detach().float()
+    x0 = x0.detach().float()
+    s = sigma.detach().float().reshape(-1, *([1] * (v.ndim - 1)))
+    error_pos = x_t - s * (beta * v + (1.0 - beta) * v_old) - x0
+    error_neg = x_t - s * ((1.0 + beta) * v_old - beta * v) - x0
+
+    def per_sample_mean(value: Tensor) -> Tensor:
+        return value.flatten(1).mean(dim=1)
+
     with torch.no_grad():
-        norm = error.abs().flatten(1).mean(dim=1).clamp(min=norm_floor)
-    per_sample = error.square().flatten(1).mean(dim=1) / norm
-    return per_sample, norm
+        pos_abs = per_sample_mean(error_pos.abs())
+        neg_abs = per_sample_mean(error_neg.abs())
+        old_sq = per_sample_mean((v - v_old).square())
+    ref_sq = per_sample_mean((v - v_ref.detach().float()).square()) if v_ref is not None else None
+    return NFTReductions(
+        pos_sq=per_sample_mean(error_pos.square()),
+        pos_abs=pos_abs,
+        neg_sq=per_sample_mean(error_neg.square()),
+        neg_abs=neg_abs,
+        ref_sq=ref_sq,
+        old_sq=old_sq,
+    )
 
 
 def nft_loss(
@@ -240,6 +335,8 @@ def nft_loss(
     config: NFTConfig,
     v_ref: Tensor | None = None,
     weight: Tensor | None = None,
+    *,
+    reductions_fn: Callable[..., NFTReductions] = nft_reductions,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DiffusionNFT's loss, as its authors implement it.
 
@@ -277,6 +374,8 @@ def nft_loss(
         config: beta, a_max, beta_ref, norm_floor.
         v_ref: [M, ...] velocity of the reference (frozen base) policy; required when ``beta_ref > 0``.
         weight: [M] >= 0 or None; 0 excludes the sample.
+        reductions_fn: computes the per-sample reductions (default: the torch reference ``nft_reductions``;
+            ``mtflow.kernels`` passes its fused kernel).
 
     Returns:
         (loss 0-d float32, stats): ``loss/policy``, ``loss/kl`` (weighted mean of mean (v_theta - v_ref)^2; NaN
@@ -284,9 +383,10 @@ def nft_loss(
         ``policy/old_deviation`` (weighted mean of mean (v_theta - v_old)^2), ``policy/r_mean``.
     """
     shape = v_theta.shape
-    for name, value in (("v_old", v_old), ("x_t", x_t), ("x0", x0)) + (
-        (("v_ref", v_ref),) if v_ref is not None else ()
-    ):
+    named = {"v_old": v_old, "x_t": x_t, "x0": x0}
+    if v_ref is not None:
+        named["v_ref"] = v_ref
+    for name, value in named.items():
         if value.shape != shape:
             raise ValueError(f"{name} has shape {tuple(value.shape)}, expected v_theta's {tuple(shape)}")
     if v_theta.ndim < 2:
@@ -298,45 +398,36 @@ def nft_loss(
         raise ValueError("nft_loss: beta_ref > 0 needs v_ref (the reference policy's velocity)")
     weight, include, denominator = _resolve_weight(weight, v_theta)
 
-    def masked(value: Tensor) -> Tensor:
+    sigma = sigma.detach().float()
+    if not bool(include.all()):
         # Excluded samples are zeroed so non-finite garbage cannot reach the loss or the gradient.
-        keep = include.reshape(-1, *([1] * (value.ndim - 1)))
-        return torch.where(keep, value.float(), torch.zeros((), device=value.device))
+        v_theta, v_old, x_t, x0 = (_mask_rows(t, include) for t in (v_theta, v_old, x_t, x0))
+        v_ref = _mask_rows(v_ref, include) if v_ref is not None else None
+        sigma = torch.where(include, sigma, torch.zeros_like(sigma))
+    red = reductions_fn(v_theta, v_old, x_t, x0, sigma, config.beta, v_ref)
 
-    v = masked(v_theta)
-    v_old_f = masked(v_old.detach())
-    x_t_f = masked(x_t.detach())
-    x0_f = masked(x0.detach())
-    s = torch.where(include, sigma.detach().float(), torch.zeros_like(weight)).reshape(
-        -1, *([1] * (v.ndim - 1))
-    )
-
-    v_pos = config.beta * v + (1.0 - config.beta) * v_old_f
-    v_neg = (1.0 + config.beta) * v_old_f - config.beta * v
-    loss_pos, _ = nft_x0_error(x_t_f - s * v_pos, x0_f, config.norm_floor)
-    loss_neg, _ = nft_x0_error(x_t_f - s * v_neg, x0_f, config.norm_floor)
+    # DiffusionNFT's adaptive weight: the per-sample mean absolute error, floored, as a constant.
+    loss_pos = red.pos_sq / red.pos_abs.detach().clamp(min=config.norm_floor)
+    loss_neg = red.neg_sq / red.neg_abs.detach().clamp(min=config.norm_floor)
     r = torch.where(include, nft_optimality(advantages, config.a_max), torch.zeros_like(weight))
     per_sample = config.a_max * (r * loss_pos + (1.0 - r) * loss_neg) / config.beta
     policy_loss = _weighted_mean(per_sample, weight, include, denominator)
 
-    if v_ref is not None:
-        kl = (v - masked(v_ref.detach())).square().flatten(1).mean(dim=1)
-        kl_loss = _weighted_mean(kl, weight, include, denominator)
+    if red.ref_sq is not None:
+        kl_loss = _weighted_mean(red.ref_sq, weight, include, denominator)
         loss = policy_loss + config.beta_ref * kl_loss
     else:
         kl_loss = None
         loss = policy_loss
 
     with torch.no_grad():
-        nan = torch.full((), float("nan"), device=v_theta.device)
+        nan = torch.full((), float("nan"), device=loss.device)
         stats = {
             "loss/policy": policy_loss.detach(),
             "loss/kl": kl_loss.detach() if kl_loss is not None else nan,
             "loss/nft_positive": _stat(loss_pos, weight, include, denominator),
             "loss/nft_negative": _stat(loss_neg, weight, include, denominator),
-            "policy/old_deviation": _stat(
-                (v - v_old_f).square().flatten(1).mean(dim=1), weight, include, denominator
-            ),
+            "policy/old_deviation": _stat(red.old_sq, weight, include, denominator),
             "policy/r_mean": _stat(r, weight, include, denominator),
         }
     return loss, stats

@@ -120,6 +120,17 @@ def test_grpo_excluded_samples_contribute_nothing_even_when_garbage():
     torch.testing.assert_close(log_prob.grad, torch.tensor([-0.5, 0.0, 0.0, 0.5]))
     assert math.isnan(float(stats.pop("loss/kl")))  # no means given: nothing to log
     assert all(torch.isfinite(v) for v in stats.values())
+    # The KL path too: garbage means and a zero std in excluded rows leave the gradient finite and exact.
+    mean = torch.tensor([[1.0, 2.0], [math.nan, math.inf], [3.0, 3.0], [0.0, 1.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, 2.0], [0.0, 0.0], [math.nan, 1.0], [0.0, 0.0]])
+    std = torch.tensor([1.0, 0.0, 0.0, 0.5])
+    zeros = torch.zeros(4)
+    loss, stats = grpo_loss(zeros, zeros, zeros, GRPOConfig(beta_kl=1.0), weight, mean, ref, std)
+    loss.backward()
+    kl0, kl3 = (1.0 / 2) / 2, (1.0 / 0.5) / 2  # mean over 2 elements of diff^2 / (2 std^2)
+    assert float(stats["loss/kl"]) == pytest.approx((kl0 + kl3) / 2)
+    expected = torch.tensor([[0.5 / 2, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0 / 0.25 / 2 / 2]])
+    torch.testing.assert_close(mean.grad, expected)
 
 
 def test_grpo_all_excluded_is_a_connected_zero():
