@@ -212,3 +212,4 @@ def test_json_round_trip_keeps_nan_as_null():
     assert restored.num_turns == 2 and restored.kind == "multi_turn"
     stats = m.to_stats()
     assert stats["eval/consistency_turn1"] == 25.0 and "eval/exposure_bias" in stats
+    assert stats["eval/overall_final"] == stats["eval/overall_turn2"] == 0.0  # C_2 = 0: turn 1 failed

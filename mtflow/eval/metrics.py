@@ -144,11 +144,13 @@ class EvalMetrics:
         return cls(**fields)
 
     def to_stats(self, prefix: str = "eval") -> dict[str, float]:
-        """Flat slash-namespaced scalars for a logger, e.g. ``eval/overall_turn3``, ``eval/exposure_bias``."""
+        """Flat slash-namespaced scalars for a logger, e.g. ``eval/overall_turn3``, ``eval/exposure_bias``,
+        ``eval/overall_final`` (O at the last turn: the default metric of the W&B sweep file)."""
         stats = {
             f"{prefix}/num_scored_chains": float(self.num_scored_chains),
             f"{prefix}/num_dropped_chains": float(self.num_dropped_chains),
             f"{prefix}/exposure_bias": self.exposure_bias.value,
+            f"{prefix}/overall_final": self.final_overall,
         }
         for name in PER_TURN_METRICS:
             for turn, estimate in enumerate(getattr(self, name), start=1):
