@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtflow.data.manifest import check_image, write_manifest
+from mtflow.data.manifest import ManifestEntry, check_image, write_manifest
 
 EXPECTED_COLUMNS = (
     "image_index",
@@ -271,18 +270,17 @@ def convert_edival(
         raise MissingImagesError(image_dir, missing, unreadable, len(chains))
 
     manifest_dir = out_path.resolve().parent
-    records = []
-    for chain, image_path in present:
-        record: dict[str, Any] = {
-            "id": chain["id"],
-            "image": Path(os.path.relpath(image_path.resolve(), manifest_dir)).as_posix(),
-            "instructions": chain["instructions"],
-            "edit_types": chain["edit_types"],
-        }
-        if split is not None:
-            record["split"] = split
-        record["metadata"] = chain["metadata"]
-        records.append(record)
+    records = [
+        ManifestEntry(
+            chain_id=chain["id"],
+            image_path=image_path.resolve(),
+            instructions=chain["instructions"],
+            edit_types=chain["edit_types"],
+            split=split,
+            metadata=chain["metadata"],
+        ).to_json_dict(manifest_dir)
+        for chain, image_path in present
+    ]
     written = write_manifest(out_path, records) if records else 0
     return EdivalConversion(
         manifest_path=out_path if records else None,

@@ -567,7 +567,10 @@ def _run_all(
 ) -> list[RunOutcome]:
     outcomes = []
     for run in plan.runs:
-        previous = RunStatus.read(run.directory)
+        try:
+            previous = RunStatus.read(run.directory)
+        except SweepError:  # a half-written or foreign status file: the run is simply rerun
+            previous = None
         if skip_completed and previous is not None and previous.status == "completed":
             outcomes.append(RunOutcome(run=run, status=previous, skipped=True))
             continue
