@@ -122,13 +122,44 @@ def _batched(total: int, size: int):
         yield slice(start, min(start + size, total))
 
 
+class _NoiseSource:
+    """Standard-normal draws for N = B * G trajectories: one shared generator, or one per chain (then chain b's G
+    rows always come from generator b, so a chain's trajectories do not depend on its rank or batch-mates)."""
+
+    def __init__(self, generator, num_chains: int, group: int):
+        self.group = group
+        if generator is None or isinstance(generator, torch.Generator):
+            self.generators = [generator]
+        else:
+            self.generators = list(generator)
+            if len(self.generators) != num_chains:
+                raise ValueError(f"{len(self.generators)} generators for {num_chains} chains")
+
+    @property
+    def first(self) -> torch.Generator | None:
+        return self.generators[0]
+
+    def normal(self, num_total: int, shape: tuple[int, ...], device) -> torch.Tensor:
+        if len(self.generators) == 1:
+            return torch.randn((num_total, *shape), generator=self.first, device=device)
+        return torch.cat(
+            [torch.randn((self.group, *shape), generator=g, device=device) for g in self.generators]
+        )
+
+    def initial(self, policy: EditPolicy, num_total: int) -> torch.Tensor:
+        if len(self.generators) == 1:
+            return policy.initial_noise(num_total, self.first)
+        return torch.cat([policy.initial_noise(self.group, g) for g in self.generators])
+
+
 @torch.no_grad()
 def rollout(
     policy: EditPolicy,
     chains: Sequence[EditChain],
     config: RolloutConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     adapter: str | None = "default",
+    recorded_steps: Sequence[int] | None = None,
 ) -> Rollout:
     """Sample G trajectories of K turns for each chain.
 
@@ -136,8 +167,10 @@ def rollout(
         policy: the editor (its ``adapter`` is used for sampling: the trained one for GRPO, "old" for NFT).
         chains: B chains with the same number of turns K.
         config: sampling settings.
-        generator: source of all randomness (initial noise, SDE noise, window position).
+        generator: one generator for all randomness, or one per chain (see ``_NoiseSource``).
         adapter: adapter to sample with (None: the frozen base).
+        recorded_steps: grid indices that use the SDE and are recorded (default: from ``config.stochastic``, a
+            window drawn from the first generator).
     """
     if not chains:
         raise ValueError("rollout needs at least one chain")
@@ -149,14 +182,15 @@ def rollout(
     num_chains = len(chains)
     n_total = num_chains * group
     store_dtype = STORE_DTYPES[config.store_dtype]
+    noise = _NoiseSource(generator, num_chains, group)
     started = time.perf_counter()
 
     with policy.use_adapter(adapter):
-        text = policy.encode_text([c for chain in chains for c in chain.instructions])
-        per_chain = text.index_of([c for chain in chains for c in chain.instructions]).view(
-            num_chains, num_turns
-        )
-        text_index = per_chain.repeat_interleave(group, dim=0)  # [N, K]
+        instructions = [c for chain in chains for c in chain.instructions]
+        text = policy.encode_text(instructions)
+        text_index = (
+            text.index_of(instructions).view(num_chains, num_turns).repeat_interleave(group, dim=0)
+        )  # [N, K]
 
         source_pixels = policy.images_to_pixels([chain.source for chain in chains])  # [B, 3, H, W]
         # The source is encoded once per chain, not once per trajectory.
@@ -164,17 +198,21 @@ def rollout(
 
         grid = policy.timestep_grid(config.num_steps)
         sigmas = grid.sigmas.float()
-        recorded = stochastic_steps(config.num_steps, config.stochastic, config.window_size, generator)
+        if recorded_steps is None:
+            recorded = stochastic_steps(config.num_steps, config.stochastic, config.window_size, noise.first)
+        else:
+            recorded = sorted(int(i) for i in recorded_steps)
         noise_level = config.noise_level if config.stochastic != "none" else 0.0
 
         images, references, finals, states, next_states, log_probs = [], [], [], [], [], []
         forward_calls = 0
         for k in range(num_turns):
             references.append(reference)
-            x = policy.initial_noise(n_total, generator)
+            x = noise.initial(policy, n_total)
             turn_states, turn_next, turn_logp = [], [], []
             for i in range(config.num_steps):
-                if i in recorded:
+                is_recorded = i in recorded
+                if is_recorded:
                     # the model sees exactly the state that is stored, so recomputation is bit-exact
                     x = x.to(store_dtype).float()
                 velocity = torch.empty_like(x)
@@ -183,17 +221,17 @@ def rollout(
                         x[sl], grid.model_timesteps[i], reference[sl], text, text_index[sl, k]
                     )
                     forward_calls += 1
-                step_noise = noise_level if i in recorded else 0.0
+                stochastic = is_recorded and noise_level > 0
                 step = sde_step(
                     x,
                     velocity,
                     sigmas[i],
                     sigmas[i + 1],
-                    step_noise,
-                    generator=generator,
-                    store_dtype=store_dtype if i in recorded else None,
+                    noise_level if stochastic else 0.0,
+                    noise=noise.normal(n_total, tuple(x.shape[1:]), x.device) if stochastic else None,
+                    store_dtype=store_dtype if is_recorded else None,
                 )
-                if i in recorded:
+                if is_recorded:
                     turn_states.append(x.to(store_dtype))
                     turn_next.append(step.x_next.to(store_dtype))
                     turn_logp.append(step.log_prob)
@@ -216,18 +254,16 @@ def rollout(
                     ]
                 )
 
-    num_recorded = len(recorded)
     latent_shape = tuple(finals[0].shape[1:])
-    if num_recorded:
+    device = finals[0].device
+    if recorded:
         states_t = torch.stack(states, dim=1)
         next_t = torch.stack(next_states, dim=1)
         logp_t = torch.stack(log_probs, dim=1)
     else:
-        states_t = torch.empty(
-            (n_total, num_turns, 0, *latent_shape), dtype=store_dtype, device=finals[0].device
-        )
+        states_t = torch.empty((n_total, num_turns, 0, *latent_shape), dtype=store_dtype, device=device)
         next_t = states_t.clone()
-        logp_t = torch.empty((n_total, num_turns, 0), device=finals[0].device)
+        logp_t = torch.empty((n_total, num_turns, 0), device=device)
     elapsed = time.perf_counter() - started
     return Rollout(
         chains=list(chains),

@@ -1,0 +1,5 @@
+"""``python -m mtflow`` is the ``mtflow`` command."""
+
+from mtflow.cli import main
+
+main()

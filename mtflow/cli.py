@@ -1,0 +1,155 @@
+"""``mtflow`` command line: ``fit | validate | test | export`` through LightningCLI, plus ``serve-reward``,
+``data`` and ``sweep``.
+
+    mtflow fit --config configs/toy.yaml
+    mtflow fit --config configs/flux_kontext_grpo.yaml --config configs/ablations/G8.yaml --model.group_size=8
+    mtflow fit --config configs/flux_kontext_grpo.yaml --print_config
+    mtflow export --config runs/x/config.yaml --ckpt_path runs/x/checkpoints/last.ckpt --output_dir lora/
+    mtflow serve-reward --config configs/reward_server.yaml
+    mtflow data convert-edival --csv ... --images ... --output manifest.jsonl
+    mtflow sweep --grid configs/sweeps/G_T.yaml
+
+``main(args)`` runs in-process (tests call it with a list of arguments).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from mtflow.data.module import ChainDataModule
+from mtflow.training.callbacks import IterationCheckpoint, RolloutImageLogger, RunStatus
+from mtflow.training.module import FlowRLModule
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_FIT_CONFIG = REPO_CONFIGS / "toy.yaml"
+
+
+class MtflowTrainer(Trainer):
+    """Lightning's Trainer plus ``export``."""
+
+    def export(
+        self,
+        model: FlowRLModule,
+        ckpt_path: str,
+        output_dir: str = "lora_export",
+        adapter: Literal["default", "ema"] = "default",
+        datamodule: ChainDataModule | None = None,
+    ) -> Path:
+        """Write a trained LoRA as ``pytorch_lora_weights.safetensors`` for diffusers and ComfyUI.
+
+        Args:
+            model: the module of the run (only its policy's LoRA settings are read).
+            ckpt_path: a checkpoint written by ``mtflow fit``.
+            output_dir: folder to write into.
+            adapter: "default" (the trained adapter) or "ema".
+        """
+        from mtflow.export import export_checkpoint
+
+        path = export_checkpoint(ckpt_path, output_dir, adapter=adapter)
+        print(f"wrote {path}")
+        return path
+
+
+class MtflowCLI(LightningCLI):
+    """LightningCLI with mtflow's defaults: Rich progress, CSV logs every iteration, image grids, checkpoints in RL
+    iterations, and a ``status.json`` for sweeps."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = dict(LightningCLI.subcommands())
+        commands["export"] = {"model", "datamodule"}
+        return commands
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(RolloutImageLogger, "image_logger")
+        parser.add_lightning_class_args(IterationCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunStatus, "run_status")
+        parser.set_defaults(
+            {
+                "trainer.log_every_n_steps": 1,
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": "runs", "name": "mtflow"},
+                },
+                "trainer.enable_checkpointing": False,  # IterationCheckpoint saves LoRA-only checkpoints
+                "trainer.num_sanity_val_steps": 0,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        # RichProgressBar refuses enable_progress_bar=False; add it only where a bar is wanted and none is set.
+        config = self.config.get(str(self.subcommand), self.config)
+        trainer = config.get("trainer", {})
+        callbacks = trainer.get("callbacks") or []
+        has_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
+        if trainer.get("enable_progress_bar", True) is not False and not has_bar:
+            self.trainer_defaults.setdefault("callbacks", [])
+            if not any(isinstance(c, RichProgressBar) for c in self.trainer_defaults["callbacks"]):
+                self.trainer_defaults["callbacks"].append(RichProgressBar(leave=True))
+
+
+def _lightning_main(args: Sequence[str] | None) -> MtflowCLI:
+    parser_kwargs: dict = {}
+    if DEFAULT_FIT_CONFIG.is_file():
+        parser_kwargs["fit"] = {"default_config_files": [str(DEFAULT_FIT_CONFIG)]}
+    return MtflowCLI(
+        FlowRLModule,
+        ChainDataModule,
+        subclass_mode_data=True,
+        trainer_class=MtflowTrainer,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs=parser_kwargs,
+        auto_configure_optimizers=False,
+        args=list(args) if args is not None else None,
+    )
+
+
+def _serve_reward(args: Sequence[str]) -> None:
+    from mtflow.reward.server import main as serve_main
+
+    serve_main(list(args))
+
+
+def _data(args: Sequence[str]) -> None:
+    usage = "usage: mtflow data convert-edival [options]   (see: mtflow data convert-edival --help)"
+    if not args or args[0] in ("-h", "--help"):
+        print(usage)
+        return
+    if args[0] != "convert-edival":
+        raise SystemExit(f"unknown data command {args[0]!r}\n{usage}")
+    from mtflow.data.edival import main as convert_main
+
+    convert_main(list(args[1:]))
+
+
+def _sweep(args: Sequence[str]) -> None:
+    from mtflow.eval.sweep import main as sweep_main
+
+    sweep_main(list(args))
+
+
+EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "serve-reward": _serve_reward,
+    "data": _data,
+    "sweep": _sweep,
+}
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``mtflow`` console script (``args`` replaces ``sys.argv[1:]`` when given)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        EXTRA_COMMANDS[argv[0]](argv[1:])
+        return
+    _lightning_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Lightning data modules: chains from a JSONL manifest (or any ``ChainSource``) as resumable per-rank batches."""
+
+from __future__ import annotations
+
+import lightning as L
+
+from mtflow.data.loader import ChainBatches, ChainSource
+from mtflow.data.manifest import DEFAULT_MAX_PIXELS, ManifestDataset
+
+
+class ChainDataModule(L.LightningDataModule):
+    """Base class: subclasses build the train / val / test ``ChainSource`` in ``build_sources``."""
+
+    def __init__(self, batch_size: int = 1, val_batch_size: int = 4, seed: int = 0) -> None:
+        """
+        Args:
+            batch_size: chains per rank per RL iteration (B); each is rolled out G times.
+            val_batch_size: chains per rank per validation / test batch.
+            seed: seed of the training order (epoch e uses a permutation seeded by (seed, e)).
+        """
+        super().__init__()
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.seed = seed
+        self.sources: dict[str, ChainSource | None] = {}
+
+    def build_sources(self) -> dict[str, ChainSource | None]:
+        """Return {"train": ..., "val": ..., "test": ...} (None where a split is not available)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.sources:
+            self.sources = self.build_sources()
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> ChainBatches:
+        self.setup()
+        source = self.sources.get(split)
+        if source is None:
+            raise ValueError(f"{type(self).__name__} has no {split!r} split configured")
+        rank, world = self._rank_world()
+        return ChainBatches(
+            source,
+            batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> ChainBatches:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> ChainBatches | list:
+        self.setup()
+        if self.sources.get("val") is None:
+            return []  # no held-out chains: Lightning skips validation
+        return self._loader("val", self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> ChainBatches:
+        return self._loader(
+            "test" if self.sources.get("test") is not None else "val", self.val_batch_size, False
+        )
+
+
+class ManifestDataModule(ChainDataModule):
+    """Chains from JSONL manifests (DESIGN.md section 9), validated in full before training starts."""
+
+    def __init__(
+        self,
+        train_manifest: str | None = None,
+        val_manifest: str | None = None,
+        test_manifest: str | None = None,
+        num_turns: int = 3,
+        train_split: str | None = None,
+        val_split: str | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        batch_size: int = 1,
+        val_batch_size: int = 4,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            train_manifest: JSONL manifest of training chains.
+            val_manifest: JSONL manifest of held-out chains (may equal ``train_manifest`` with splits).
+            test_manifest: JSONL manifest for ``mtflow test`` (default: the validation chains).
+            num_turns: K; every chain must have exactly K instructions.
+            train_split: keep only lines whose "split" equals this in the training manifest.
+            val_split: keep only lines whose "split" equals this in the validation manifest.
+            max_pixels: largest accepted source image (width * height).
+            batch_size: chains per rank per RL iteration (B).
+            val_batch_size: chains per rank per validation batch.
+            seed: seed of the training order.
+        """
+        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, seed=seed)
+        self.train_manifest = train_manifest
+        self.val_manifest = val_manifest
+        self.test_manifest = test_manifest
+        self.num_turns = num_turns
+        self.train_split = train_split
+        self.val_split = val_split
+        self.max_pixels = max_pixels
+
+    def build_sources(self) -> dict[str, ChainSource | None]:
+        def load(path: str | None, split: str | None) -> ChainSource | None:
+            if path is None:
+                return None
+            return ManifestDataset(path, self.num_turns, split=split, max_pixels=self.max_pixels)
+
+        return {
+            "train": load(self.train_manifest, self.train_split),
+            "val": load(self.val_manifest, self.val_split),
+            "test": load(self.test_manifest, None),
+        }

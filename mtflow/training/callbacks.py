@@ -1,0 +1,176 @@
+"""Callbacks a user of a research trainer expects: rollout image grids, iteration-based LoRA checkpoints and a
+``status.json`` that sweeps read."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image, ImageDraw
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The folder of this run: the logger's ``log_dir`` (e.g. ``runs/toy/version_0``) or ``default_root_dir``."""
+    folder = trainer.log_dir or trainer.default_root_dir
+    return Path(folder)
+
+
+def rollout_grid(
+    source: torch.Tensor, outputs: torch.Tensor, labels: list[str] | None = None, pad: int = 2
+) -> Image.Image:
+    """Rows of (source, turn 1..K) images.
+
+    Args:
+        source: [R, 3, H, W] uint8, the source of each row.
+        outputs: [R, K, 3, H, W] uint8, the turns of each row.
+        labels: optional text per row, drawn on the source tile.
+    """
+    rows, turns, _, height, width = outputs.shape
+    canvas = Image.new(
+        "RGB", ((turns + 1) * (width + pad) + pad, rows * (height + pad) + pad), (255, 255, 255)
+    )
+    for r in range(rows):
+        tiles = [source[r]] + [outputs[r, k] for k in range(turns)]
+        for c, tile in enumerate(tiles):
+            array = tile.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+            canvas.paste(Image.fromarray(array), (pad + c * (width + pad), pad + r * (height + pad)))
+        if labels:
+            ImageDraw.Draw(canvas).text(
+                (pad + 1, pad + r * (height + pad)), labels[r][:12], fill=(255, 255, 255)
+            )
+    return canvas
+
+
+class RolloutImageLogger(L.Callback):
+    """Every ``every_n_iterations``, save a grid (source, turn 1..K) of the latest rollout and send it to the
+    loggers that take images (TensorBoard, W&B)."""
+
+    def __init__(self, every_n_iterations: int = 10, max_rows: int = 4, upscale: int = 4) -> None:
+        """
+        Args:
+            every_n_iterations: log a grid after every this many RL iterations (0 disables).
+            max_rows: trajectories shown (the first members of the first groups).
+            upscale: nearest-neighbour magnification of small images.
+        """
+        self.every_n_iterations = every_n_iterations
+        self.max_rows = max_rows
+        self.upscale = upscale
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        result = getattr(pl_module, "last_rollout", None)
+        if not self.every_n_iterations or result is None or pl_module.iteration % self.every_n_iterations:
+            return
+        rows = min(self.max_rows, result.num_trajectories)
+        sources = torch.stack([result.source_images[result.chain_of(n)] for n in range(rows)])
+        grid = rollout_grid(sources, result.images[:rows])
+        if self.upscale > 1:
+            grid = grid.resize((grid.width * self.upscale, grid.height * self.upscale), Image.NEAREST)
+        folder = run_dir(trainer) / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"rollout_iter{pl_module.iteration:06d}.png")
+        step = pl_module.iteration
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):  # TensorBoard
+                experiment.add_image("rollout", np.asarray(grid), step, dataformats="HWC")
+            elif hasattr(logger, "log_image"):  # W&B
+                logger.log_image("rollout", [grid], step=step)
+
+
+class IterationCheckpoint(L.Callback):
+    """Save ``last.ckpt`` (and ``iter_XXXXXX.ckpt`` every ``every_n_iterations``) counted in RL iterations, not
+    optimiser steps (Lightning's ``global_step`` advances ``updates_per_rollout`` times per iteration)."""
+
+    def __init__(
+        self, every_n_iterations: int = 50, keep_every: bool = False, dirpath: str | None = None
+    ) -> None:
+        """
+        Args:
+            every_n_iterations: checkpoint period in RL iterations (0: only at the end of training).
+            keep_every: also keep a numbered copy at every period (otherwise only ``last.ckpt``).
+            dirpath: folder (default: ``<run>/checkpoints``).
+        """
+        self.every_n_iterations = every_n_iterations
+        self.keep_every = keep_every
+        self.dirpath = dirpath
+
+    def _folder(self, trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "checkpoints"
+
+    def _save(self, trainer, pl_module) -> None:
+        folder = self._folder(trainer)
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier()
+        tmp = folder / "last.ckpt.tmp"
+        trainer.save_checkpoint(tmp)  # every rank takes part (FSDP gathers the adapters)
+        if trainer.is_global_zero:
+            os.replace(tmp, folder / "last.ckpt")  # atomic: a crash never leaves a half-written last.ckpt
+            if self.keep_every:
+                target = folder / f"iter_{pl_module.iteration:06d}.ckpt"
+                target.write_bytes((folder / "last.ckpt").read_bytes())
+        trainer.strategy.barrier()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_iterations and pl_module.iteration % self.every_n_iterations == 0:
+            self._save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every_n_iterations": self.every_n_iterations}
+
+
+class RunStatus(L.Callback):
+    """Keep ``<run>/status.json`` current: running / completed / failed, wall clock, samples seen, error."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.samples_seen = 0
+
+    @rank_zero_only
+    def _write(self, trainer, pl_module, status: str, error: str | None = None) -> None:
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "status": status,
+            "wall_clock_s": round(time.time() - self.started, 3),
+            "samples_seen": self.samples_seen,
+            "iteration": getattr(pl_module, "iteration", 0),
+        }
+        if error is not None:
+            payload["error"] = error
+        tmp = folder / "status.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, folder / "status.json")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.started = time.time()
+        self._write(trainer, pl_module, "running")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        result = getattr(pl_module, "last_rollout", None)
+        if result is not None:
+            self.samples_seen += result.num_trajectories * trainer.world_size
+        self._write(trainer, pl_module, "running")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "completed")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._write(trainer, pl_module, "failed", f"{type(exception).__name__}: {exception}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.samples_seen = int(state_dict.get("samples_seen", 0))

@@ -1,0 +1,55 @@
+"""FSDP2 for the policy transformer, and a Lightning strategy whose checkpoints hold only the LoRA adapters.
+
+Lightning's ``FSDPStrategy`` (FSDP1) refuses CPUs; ``ModelParallelStrategy`` (FSDP2, ``fully_shard``) runs on CPU
+with gloo and on GPUs with NCCL, so the same code path is tested here and used on clusters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from mtflow.models.kontext import KontextPolicy
+
+
+def shard_policy(policy: KontextPolicy, device_mesh) -> None:
+    """``fully_shard`` every transformer block, then the transformer (FSDP2), over the data-parallel mesh.
+
+    A frozen bf16 base and fp32 LoRA share each unit; the unit's mixed-precision policy computes in the base dtype
+    and reduces gradients in float32. Text encoders and the VAE stay replicated (they run without gradients).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = (
+        device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    )
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if policy.model_dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=policy.model_dtype, reduce_dtype=torch.float32)
+    transformer = policy.transformer
+    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
+        fully_shard(block, **kwargs)
+    fully_shard(transformer, **kwargs)
+
+
+class LoRAModelParallelStrategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` that saves and restores only the LoRA adapters (trained, old, EMA) and the
+    optimiser state, gathered into one small file on rank 0; the frozen base (12 B parameters for Kontext-dev) is
+    never gathered or written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_distributed_checkpoint", False)
+        super().__init__(*args, **kwargs)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        module = self.lightning_module
+        assert module is not None
+        state = {}
+        for name, param in module.named_parameters():
+            if "lora_" in name:
+                # full_tensor() is a collective: every rank takes part, rank 0 keeps the result
+                full = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+                state[name] = full.detach().cpu()
+        return state if self.global_rank == 0 else {}
