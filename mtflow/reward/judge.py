@@ -140,11 +140,18 @@ class VLMJudge:
     def score(self, items: Sequence[ScoringItem]) -> ScoreBatch:
         start = time.perf_counter()
         num_turns = check_same_turns(items, "VLMJudge")
-        instruction_following = self.score_criterion("if", items, num_turns)
+        instruction_following, if_prompts, if_errors = self.score_criterion("if", items, num_turns)
         if self.cc_scorer is None:
-            content_consistency = self.score_criterion("cc", items, num_turns)
+            content_consistency, cc_prompts, cc_errors = self.score_criterion("cc", items, num_turns)
         else:
-            content_consistency = self.cc_scorer.score_turns(items)
+            content_consistency, cc_prompts, cc_errors = self.cc_scorer.score_turns(items), 0, []
+        # Some answers came back: the judge is reachable and the failures are per prompt (flagged below).
+        # None came back: the judge is down or misconfigured, which the caller must hear about.
+        if if_prompts + cc_prompts > 0 and len(if_errors) + len(cc_errors) == if_prompts + cc_prompts:
+            raise ScorerUnavailableError(
+                f"judge backend {self.backend.describe()} failed on all {if_prompts + cc_prompts} prompts; "
+                f"first error: {(if_errors + cc_errors)[0]}"
+            )
         if_scores = instruction_following.scores.float()
         cc_scores = content_consistency.scores.float()
         scored = ~(if_scores.isnan() | cc_scores.isnan())
@@ -172,8 +179,8 @@ class VLMJudge:
 
     def score_criterion(
         self, criterion: Criterion, items: Sequence[ScoringItem], num_turns: int
-    ) -> TurnScores:
-        """[N, K] scores of one criterion from the judge model."""
+    ) -> tuple[TurnScores, int, list[str]]:
+        """[N, K] scores of one criterion from the judge model, the number of prompts sent and their errors."""
         per_item = [
             build_prompts(
                 criterion,
@@ -192,11 +199,6 @@ class VLMJudge:
         else:
             results = self.backend.first_token_logprobs(prompts, self.candidates)
         errors = [r.error for r in results if r.error is not None]
-        if prompts and len(errors) == len(prompts):
-            raise ScorerUnavailableError(
-                f"judge backend {self.backend.describe()} failed on all {len(prompts)} {criterion.upper()} prompts; "
-                f"first error: {errors[0]}"
-            )
         scores = torch.full((len(items), num_turns), math.nan, dtype=torch.float64)
         diagnostics: list[dict[str, Any]] = []
         offset = 0
@@ -209,7 +211,7 @@ class VLMJudge:
                 row, diagnostic = self._read_logprobs(group_results)
             scores[i] = torch.tensor(row, dtype=torch.float64)
             diagnostics.append(diagnostic)
-        return TurnScores(scores.float(), diagnostics)
+        return TurnScores(scores.float(), diagnostics), len(prompts), errors
 
     def _read_answers(self, results: list, num_turns: int) -> tuple[list[float], dict[str, Any]]:
         low, high = score_range(self.scale)
