@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -83,6 +84,13 @@ class MtflowCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would overwrite the model config with the checkpoint's hyperparameters. When resuming a fit,
+        # the given config wins (so a run can be resumed with e.g. a larger max_iterations).
+        if self.config.get("subcommand") == "fit":
+            return
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         # RichProgressBar refuses enable_progress_bar=False; add it only where a bar is wanted and none is set.
         config = self.config.get(str(self.subcommand), self.config)
@@ -96,6 +104,8 @@ class MtflowCLI(LightningCLI):
 
 
 def _lightning_main(args: Sequence[str] | None) -> MtflowCLI:
+    # Frozen encoders are in eval mode on purpose (T5 dropout must stay off); Lightning warns about it.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     parser_kwargs: dict = {}
     if DEFAULT_FIT_CONFIG.is_file():
         parser_kwargs["fit"] = {"default_config_files": [str(DEFAULT_FIT_CONFIG)]}
@@ -142,13 +152,15 @@ EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
 }
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``mtflow`` console script (``args`` replaces ``sys.argv[1:]`` when given)."""
+def main(args: Sequence[str] | None = None) -> MtflowCLI | None:
+    """Entry point of the ``mtflow`` console script (``args`` replaces ``sys.argv[1:]`` when given).
+
+    Returns the LightningCLI object for fit / validate / test / export (its ``model`` and ``trainer``)."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         EXTRA_COMMANDS[argv[0]](argv[1:])
-        return
-    _lightning_main(argv)
+        return None
+    return _lightning_main(argv)
 
 
 if __name__ == "__main__":

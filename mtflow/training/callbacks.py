@@ -101,11 +101,15 @@ class IterationCheckpoint(L.Callback):
         self.every_n_iterations = every_n_iterations
         self.keep_every = keep_every
         self.dirpath = dirpath
+        self._saved_iteration: int | None = None
 
     def _folder(self, trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "checkpoints"
 
     def _save(self, trainer, pl_module) -> None:
+        if self._saved_iteration == pl_module.iteration:
+            return  # already saved after this iteration's batch (that state resumes mid-epoch correctly)
+        self._saved_iteration = pl_module.iteration
         folder = self._folder(trainer)
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)

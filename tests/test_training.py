@@ -1,0 +1,254 @@
+"""``mtflow fit`` in-process on the tiny Kontext model: GRPO and NFT learn only LoRA, log the documented metrics,
+resume exactly, exclude unscored trajectories, and stop cleanly on a dead judge or non-finite updates."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtflow.cli import main
+from mtflow.models.kontext import KontextPolicy
+from mtflow.testing.fixtures import tiny_fit_config, write_config, write_random_manifest
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_random_manifest(tmp_path_factory.mktemp("data"), num_chains=8, num_turns=2)
+
+
+def _fit(config: dict, tmp_path: Path, *extra: str):
+    path = write_config(config, tmp_path / f"{config['trainer']['logger']['init_args']['name']}.yaml")
+    return main(["fit", "--config", str(path), *extra])
+
+
+def _metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _lora(cli) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in cli.model.named_parameters() if "lora_" in k}
+
+
+def _base(cli) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().clone() for k, v in cli.model.policy.transformer.named_parameters() if "lora_" not in k
+    }
+
+
+@pytest.mark.parametrize("loss", ["grpo", "nft"])
+def test_fit_updates_only_lora_and_logs_documented_metrics(tiny_kontext_path, manifest, tmp_path, loss):
+    model = {"loss": loss}
+    if loss == "nft":
+        model.update({"nft_train_timesteps": 2, "ema_decay": 0.5})
+    config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model=model, name=loss)
+    reference = KontextPolicy(str(tiny_kontext_path), dtype="float32", resolution=32, lora_rank=4).load()
+    base_before = {k: v.clone() for k, v in reference.transformer.named_parameters() if "lora_" not in k}
+
+    cli = _fit(config, tmp_path)
+    run = tmp_path / loss / "version_0"
+    assert cli.model.iteration == 2
+    # LoRA moved (B starts at zero), the base did not
+    trained = cli.model.policy.adapter_parameters("default")
+    assert any(
+        float(p.abs().sum()) > 0 for n, p in cli.model.policy.adapter_named_parameters() if "lora_B" in n
+    )
+    assert all(p.requires_grad for p in trained)
+    for key, value in _base(cli).items():
+        assert torch.equal(value, base_before[key]), key
+    rows = _metrics(run)
+    assert len(rows) == 2
+    names = set(rows[0])
+    expected = {
+        "reward/if_turn1",
+        "reward/if_turn2",
+        "reward/cc_turn1",
+        "reward/cc_turn2",
+        "reward/mean",
+        "adv/std",
+        "adv/mean",
+        "perf/rollout_s",
+        "perf/judge_s",
+        "perf/update_s",
+        "perf/iteration_s",
+        "train/iteration",
+    }
+    expected |= (
+        {"policy/clip_frac", "policy/approx_kl", "loss/policy"}
+        if loss == "grpo"
+        else {"loss/policy", "loss/kl", "loss/nft_positive", "policy/r_mean"}
+    )
+    assert expected <= names, expected - names
+    assert [float(r["train/iteration"]) for r in rows] == [1.0, 2.0]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "completed" and status["samples_seen"] == 2 * 2 * 2
+    assert sorted(p.name for p in (run / "images").iterdir()) == [
+        "rollout_iter000001.png",
+        "rollout_iter000002.png",
+    ]
+    if loss == "nft":
+        # the old adapter trails the trained one (eta = min(0.001 * it, 0.5) > 0 after the first iteration)
+        old = cli.model.policy.adapter_parameters("old")
+        ema = cli.model.policy.adapter_parameters("ema")
+        assert any(not torch.equal(a, b) for a, b in zip(old, trained))
+        assert any(not torch.equal(a, b) for a, b in zip(ema, trained))
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_kontext_path, manifest, tmp_path):
+    full = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 4}, name="full")
+    full_cli = _fit(full, tmp_path)
+    first = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 2}, name="first")
+    _fit(first, tmp_path)
+    ckpt = tmp_path / "first" / "version_0" / "checkpoints" / "last.ckpt"
+    # the checkpoint holds adapters and optimiser state only: no base weight
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["state_dict"] and all("lora_" in k for k in state["state_dict"])
+    assert ckpt.stat().st_size < 200_000
+    base_bytes = sum(v.numel() * v.element_size() for v in full_cli.model.policy.transformer.parameters())
+    assert ckpt.stat().st_size < base_bytes / 2
+    resumed_cfg = tiny_fit_config(
+        tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 4}, name="resumed"
+    )
+    resumed = _fit(resumed_cfg, tmp_path, "--ckpt_path", str(ckpt))
+    assert resumed.model.iteration == 4
+    for key, value in _lora(full_cli).items():
+        assert torch.equal(value, _lora(resumed)[key]), key
+    full_rows = {r["train/iteration"]: r for r in _metrics(tmp_path / "full" / "version_0")}
+    resumed_rows = {r["train/iteration"]: r for r in _metrics(tmp_path / "resumed" / "version_0")}
+    assert set(resumed_rows) == {"3.0", "4.0"}
+    for it in ("3.0", "4.0"):
+        for key in ("reward/mean", "loss/policy", "adv/std", "policy/approx_kl"):
+            assert full_rows[it][key] == resumed_rows[it][key], (it, key)
+
+
+def test_unscored_trajectories_get_no_gradient(tiny_kontext_path, manifest, tmp_path):
+    # every member g1 is refused by the judge: groups of 2 keep 1 valid member, so nothing may be learned
+    model = {
+        "scorer": {
+            "class_path": "mtflow.testing.scorers.BrightnessScorer",
+            "init_args": {"unscorable_suffixes": ["/g1"]},
+        },
+        "max_iterations": 1,
+    }
+    cli = _fit(tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model=model, name="unscored"), tmp_path)
+    assert all(
+        float(p.abs().sum()) == 0 for n, p in cli.model.policy.adapter_named_parameters() if "lora_B" in n
+    )
+    row = _metrics(tmp_path / "unscored" / "version_0")[0]
+    assert float(row["reward/num_unscored"]) == 2 and float(row["train/skipped_update"]) == 1.0
+    assert float(row["reward/frac_unscored"]) == 0.5
+
+
+def test_dead_judge_stops_training_with_a_clear_error_and_keeps_the_checkpoint(
+    tiny_kontext_path, manifest, tmp_path
+):
+    first = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 1}, name="alive")
+    _fit(first, tmp_path)
+    ckpt = tmp_path / "alive" / "version_0" / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    model = {
+        "scorer": {
+            "class_path": "mtflow.reward.client.RemoteScorer",
+            "init_args": {"url": "http://127.0.0.1:9", "deadline_s": 2.0, "max_retries": 1},
+        },
+        "max_iterations": 3,
+    }
+    config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model=model, name="dead")
+    config["checkpoint"] = {"every_n_iterations": 1, "dirpath": str(ckpt.parent)}
+    with pytest.raises(Exception, match="127.0.0.1:9"):
+        _fit(config, tmp_path, "--ckpt_path", str(ckpt))
+    assert ckpt.read_bytes() == before
+    status = json.loads((tmp_path / "dead" / "version_0" / "status.json").read_text())
+    assert status["status"] == "failed" and "127.0.0.1:9" in status["error"]
+
+
+def test_non_finite_updates_are_skipped_then_abort(tiny_kontext_path, manifest, tmp_path):
+    model = {
+        "lr": 1e30,
+        "max_grad_norm": 0.0,
+        "max_nonfinite_skips": 2,
+        "updates_per_rollout": 1,
+        "max_iterations": 8,
+    }
+    config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model=model, name="nan")
+    # lr = 1e30 makes the first step blow the LoRA weights up; from then on every loss is non-finite and skipped
+    with pytest.raises(FloatingPointError, match="consecutive non-finite"):
+        _fit(config, tmp_path)
+
+
+def test_export_round_trip_into_a_stock_pipeline(tiny_kontext_path, manifest, tmp_path):
+    from diffusers import FluxKontextPipeline
+
+    from mtflow.data.records import EditChain
+    from mtflow.rollout import RolloutConfig, rollout
+
+    config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model={"lr": 0.05}, name="export")
+    cli = _fit(config, tmp_path)
+    ckpt = tmp_path / "export" / "version_0" / "checkpoints" / "last.ckpt"
+    config_path = tmp_path / "export.yaml"
+    main(
+        [
+            "export",
+            "--config",
+            str(config_path),
+            "--ckpt_path",
+            str(ckpt),
+            "--output_dir",
+            str(tmp_path / "lora"),
+        ]
+    )
+    lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    tensors = load_file(lora_file)
+    alphas = [k for k in tensors if k.endswith(".alpha")]
+    assert alphas and all(float(tensors[k]) == 8.0 for k in alphas)  # alpha 8 != rank 4
+    assert all(k.startswith("transformer.") for k in tensors)
+
+    policy = cli.model.policy
+    chain = EditChain(
+        "c",
+        policy_source := __import__("PIL.Image").Image.open(manifest.parent / "src_0000.png"),
+        ["make it red"],
+    )
+    ours = rollout(
+        policy,
+        [chain],
+        RolloutConfig(group_size=1, num_steps=3, stochastic="none"),
+        generator=torch.Generator().manual_seed(0),
+    )
+    pipe = FluxKontextPipeline.from_pretrained(tiny_kontext_path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora_file))
+    theirs = pipe(
+        image=policy_source,
+        prompt="make it red",
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        height=32,
+        width=32,
+        max_area=32 * 32,
+        _auto_resize=False,
+        max_sequence_length=32,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    torch.testing.assert_close(ours.final_latents[:, 0], theirs, atol=1e-5, rtol=1e-5)
+    pipe.unload_lora_weights()
+    base = pipe(
+        image=policy_source,
+        prompt="make it red",
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        height=32,
+        width=32,
+        max_area=32 * 32,
+        _auto_resize=False,
+        max_sequence_length=32,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert (base - theirs).abs().max() > 1e-3  # the LoRA really changes the output
