@@ -20,6 +20,7 @@ from mtflow.reward.server import BackgroundServer, create_app
 from mtflow.reward.wire import item_to_json
 
 from .conftest import make_items, random_image
+from .test_judge import ScriptedBackend
 
 TOKEN = "s3cret"
 
@@ -196,3 +197,19 @@ def unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_keep_alive_requests_are_not_delayed_by_nagle():
+    """Every keep-alive round trip used to idle ~40 ms (Nagle + delayed ACK) when the listening socket was
+    created without proto=IPPROTO_TCP, because asyncio then skips TCP_NODELAY on accepted connections."""
+    import time
+
+    app = create_app(VLMJudge(ScriptedBackend({})), max_wait_ms=0.0)
+    with BackgroundServer(app) as server, httpx.Client() as http:
+        http.get(f"{server.url}/health")
+        durations = []
+        for _ in range(6):
+            start = time.perf_counter()
+            assert http.get(f"{server.url}/health").status_code == 200
+            durations.append(time.perf_counter() - start)
+    assert min(durations) < 0.03, durations
