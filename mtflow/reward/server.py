@@ -172,6 +172,11 @@ class DynamicBatcher:
                 try:
                     result = await loop.run_in_executor(self._executor, self.scorer.score, items)
                     error: BaseException | None = None
+                    if tuple(result.scored.shape) != (len(items), group[0].num_turns):
+                        raise RuntimeError(
+                            f"{type(self.scorer).__name__} returned scores of shape {tuple(result.scored.shape)} "
+                            f"for {len(items)} items of {group[0].num_turns} turns"
+                        )
                 except Exception as exc:  # reported to every waiting request, the worker keeps serving
                     result, error = None, exc
                     log.exception("scorer failed on a batch of %d items", len(items))

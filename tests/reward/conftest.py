@@ -52,6 +52,18 @@ def make_items(
     return items
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny judge gains nothing from a second thread, and on a shared 2-core machine two threads per
+    process oversubscribe the cores (tests ran 10x slower under load). Restored after each test."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_qwen3vl_path):
     """A ``TransformersBackend`` over the tiny Qwen3-VL (shared: loading costs about a second)."""

@@ -224,3 +224,17 @@ def test_mixed_turn_counts_are_refused(tiny_backend):
     items = make_items(1, num_turns=2) + make_items(1, num_turns=3)
     with pytest.raises(ValueError, match="turns"):
         VLMJudge(tiny_backend).score(items)
+
+
+def test_max_pixels_bounds_the_image_tokens(tiny_qwen3vl_path):
+    from mtflow.reward.backends import TransformersBackend
+
+    item = make_items(1, num_turns=1, size=(64, 64))[0]
+    prompt = build_prompts(
+        "if", "single_turn", "likert", "non_thinking", item.source, item.outputs, item.instructions
+    )[0]
+    default = TransformersBackend(str(tiny_qwen3vl_path)).encode([prompt])
+    bounded = TransformersBackend(str(tiny_qwen3vl_path), max_pixels=32 * 32).encode([prompt])
+    # patch 8: 64x64 -> an 8x8 grid; capped at 32x32 pixels -> 4x4
+    assert default["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
+    assert bounded["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]

@@ -213,3 +213,30 @@ def test_keep_alive_requests_are_not_delayed_by_nagle():
             assert http.get(f"{server.url}/health").status_code == 200
             durations.append(time.perf_counter() - start)
     assert min(durations) < 0.03, durations
+
+
+def test_a_failing_scorer_is_500_and_the_server_keeps_serving():
+    from mtflow.reward.base import ScoreBatch
+
+    class Flaky:
+        """Fails, then answers with the wrong number of rows, then scores (IF 2, CC 4)."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def score(self, items):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("judge exploded")
+            rows = len(items) - (1 if self.calls == 2 else 0)
+            full = torch.full((rows, items[0].num_turns), 2.0)
+            return ScoreBatch(full, full + 2, torch.ones_like(full, dtype=torch.bool))
+
+    app = create_app(Flaky(), max_wait_ms=0.0)
+    with BackgroundServer(app) as server:
+        first = post(server, body_of(make_items(2)), token=None)
+        second = post(server, body_of(make_items(2)), token=None)
+        third = post(server, body_of(make_items(2)), token=None)
+    assert first.status_code == 500 and "RuntimeError: judge exploded" in first.json()["detail"]
+    assert second.status_code == 500 and "shape (1, 2) for 2 items" in second.json()["detail"]
+    assert third.status_code == 200 and third.json()["content_consistency"] == [[4.0, 4.0], [4.0, 4.0]]
