@@ -539,13 +539,14 @@ class ToyWorld:
         self.seed = seed
 
     # ----- randomness: every draw is a pure function of (seed, purpose, split, index) -----
-    _PURPOSE = {"chain": 1, "pair": 2, "scene": 3}
-
     def rng(self, purpose: str, split: str, index: int) -> np.random.Generator:
         """The generator of draw ``index`` of ``purpose`` ("chain", "pair", "scene") in ``split``."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        return np.random.default_rng([self.seed, self._PURPOSE[purpose], SPLITS.index(split), index])
+        purposes = ("chain", "pair", "scene")
+        if purpose not in purposes:
+            raise ValueError(f"purpose must be one of {purposes}, got {purpose!r}")
+        return np.random.default_rng([self.seed, purposes.index(purpose) + 1, SPLITS.index(split), index])
 
     # ----- splits -----
     def split_of(self, scene: Scene) -> str:

@@ -66,7 +66,6 @@ def test_round_trip_metrics_by_hand():
 
 
 def test_short_training_lowers_the_loss_and_save_load_round_trips(tmp_path):
-    torch.set_num_threads(2)
     worlds = [ToyWorld(image_size=16)]
     vae = build_toy_vae((8, 16), latent_channels=4, norm_num_groups=4, sample_size=16)
     before = measure_round_trip(vae, worlds, num_images=32)
