@@ -12,14 +12,20 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The folder of this run: the logger's ``log_dir`` (e.g. ``runs/toy/version_0``) or ``default_root_dir``."""
-    folder = trainer.log_dir or trainer.default_root_dir
-    return Path(folder)
+    """The folder of this run: the logger's ``log_dir`` (e.g. ``runs/toy/version_0``) or ``default_root_dir``.
+
+    ``trainer.log_dir`` broadcasts from rank 0, so every rank must call this (never inside ``rank_zero_only``); the
+    answer is cached on the trainer.
+    """
+    cached = getattr(trainer, "_mtflow_run_dir", None)
+    if cached is None:
+        cached = Path(trainer.log_dir or trainer.default_root_dir)
+        trainer._mtflow_run_dir = cached
+    return cached
 
 
 def rollout_grid(
@@ -63,17 +69,18 @@ class RolloutImageLogger(L.Callback):
         self.max_rows = max_rows
         self.upscale = upscale
 
-    @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        folder = run_dir(trainer) / "images"  # on every rank: run_dir may broadcast
         result = getattr(pl_module, "last_rollout", None)
-        if not self.every_n_iterations or result is None or pl_module.iteration % self.every_n_iterations:
+        if not trainer.is_global_zero or not self.every_n_iterations or result is None:
+            return
+        if pl_module.iteration % self.every_n_iterations:
             return
         rows = min(self.max_rows, result.num_trajectories)
         sources = torch.stack([result.source_images[result.chain_of(n)] for n in range(rows)])
         grid = rollout_grid(sources, result.images[:rows])
         if self.upscale > 1:
             grid = grid.resize((grid.width * self.upscale, grid.height * self.upscale), Image.NEAREST)
-        folder = run_dir(trainer) / "images"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"rollout_iter{pl_module.iteration:06d}.png")
         step = pl_module.iteration
@@ -141,9 +148,10 @@ class RunStatus(L.Callback):
         self.started = time.time()
         self.samples_seen = 0
 
-    @rank_zero_only
     def _write(self, trainer, pl_module, status: str, error: str | None = None) -> None:
-        folder = run_dir(trainer)
+        folder = run_dir(trainer)  # on every rank: run_dir may broadcast
+        if not trainer.is_global_zero:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         payload = {
             "status": status,

@@ -6,9 +6,11 @@ with gloo and on GPUs with NCCL, so the same code path is tested here and used o
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from mtflow.models.kontext import KontextPolicy
@@ -39,9 +41,27 @@ class LoRAModelParallelStrategy(ModelParallelStrategy):
     optimiser state, gathered into one small file on rank 0; the frozen base (12 B parameters for Kontext-dev) is
     never gathered or written."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("save_distributed_checkpoint", False)
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: Literal["auto"] | int = 1,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        """
+        Args:
+            data_parallel_size: ranks that shard the transformer (FSDP2); "auto": all devices.
+            tensor_parallel_size: tensor-parallel ranks (1: pure FSDP; the policy does not use TP).
+            process_group_backend: "nccl" on GPUs, "gloo" on CPUs (None: Lightning picks).
+            timeout: collective timeout.
+        """
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=False,  # one small file: adapters + optimiser state, no base
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         module = self.lightning_module

@@ -245,7 +245,9 @@ class FlowRLModule(L.LightningModule):
             "perf/trajectories_per_s": result.num_trajectories / elapsed,
             "train/iteration": float(self.iteration),
         }
-        self.log_dict(_loggable(stats), on_step=True, on_epoch=False, batch_size=len(chains))
+        self.log_dict(
+            _loggable(self._mean_over_ranks(stats)), on_step=True, on_epoch=False, batch_size=len(chains)
+        )
 
     def rollout_chains(self, chains: list[EditChain]) -> Rollout:
         """G trajectories per chain with the sampling adapter; noise seeded per (iteration, chain)."""
@@ -546,6 +548,15 @@ class FlowRLModule(L.LightningModule):
         value = torch.tensor(float(flag), device=self.device)
         return bool(self.trainer.strategy.reduce(value, reduce_op="max") > 0.5)
 
+    def _mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """NaN-aware mean of every stat over ranks (one all-gather; keys are identical on every rank)."""
+        if self.trainer.world_size == 1:
+            return stats
+        keys = sorted(stats)
+        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        gathered = self.all_gather(values)  # [world, num_keys]
+        return dict(zip(keys, torch.nanmean(gathered, dim=0).tolist()))
+
     def _generator(self, purpose: str, key: str = "") -> torch.Generator:
         """A generator seeded by (seed, iteration, purpose, key): identical on every rank and after a resume."""
         return _seeded(f"{self.hparams.seed}/{self.iteration}/{purpose}/{key}", self.device)
@@ -616,9 +627,10 @@ class FlowRLModule(L.LightningModule):
         state = checkpoint.get("mtflow", {})
         self.iteration = int(state.get("iteration", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
-        missing = [
-            k for k, _ in self.named_parameters() if "lora_" in k and k not in checkpoint["state_dict"]
-        ]
+        saved = checkpoint.get("state_dict")  # FSDP strategies load it themselves and pop it
+        if saved is None:
+            return
+        missing = [k for k, _ in self.named_parameters() if "lora_" in k and k not in saved]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} LoRA tensors of this model, e.g. {missing[:3]}")
 
