@@ -37,6 +37,9 @@ def write_random_manifest(
     return path
 
 
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
 def tiny_fit_config(
     pretrained: str | Path,
     manifest: str | Path,
@@ -47,14 +50,12 @@ def tiny_fit_config(
     trainer: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
     name: str = "run",
+    base: str = "tiny/grpo.yaml",
 ) -> dict[str, Any]:
-    """A complete ``mtflow fit`` config dict for the tiny Kontext model (GRPO, B=2, G=2, T=2)."""
-    config: dict[str, Any] = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 100,  # max_iterations (model) ends the run
+    """``configs/<base>`` (the tiny-model config the tests exercise) with paths filled in and overrides applied."""
+    config: dict[str, Any] = yaml.safe_load((REPO_CONFIGS / base).read_text())
+    config["trainer"].update(
+        {
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "default_root_dir": str(run_root),
@@ -62,33 +63,12 @@ def tiny_fit_config(
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": str(run_root), "name": name, "version": 0},
             },
-        },
-        "model": {
-            "policy": {
-                "class_path": "mtflow.models.kontext.KontextPolicy",
-                "init_args": {
-                    "pretrained": str(pretrained),
-                    "dtype": "float32",
-                    "resolution": 32,
-                    "max_sequence_length": 32,
-                    "lora_rank": 4,
-                    "lora_alpha": 8,
-                },
-            },
-            "scorer": {"class_path": "mtflow.testing.scorers.BrightnessScorer"},
-            "group_size": 2,
-            "num_steps": 2,
-            "forward_batch_size": 4,
-            "lr": 0.01,
-            "max_iterations": 2,
-        },
-        "data": {
-            "class_path": "mtflow.data.module.ManifestDataModule",
-            "init_args": {"train_manifest": str(manifest), "num_turns": num_turns, "batch_size": 2},
-        },
-        "image_logger": {"every_n_iterations": 1},
-        "checkpoint": {"every_n_iterations": 1},
-    }
+        }
+    )
+    config["model"]["policy"]["init_args"]["pretrained"] = str(pretrained)
+    config["data"]["init_args"].update({"train_manifest": str(manifest), "num_turns": num_turns})
+    config["image_logger"] = {"every_n_iterations": 1}
+    config["checkpoint"] = {"every_n_iterations": 1}
     for key, extra in (("model", model), ("trainer", trainer)):
         if extra:
             config[key].update(extra)

@@ -1,0 +1,105 @@
+"""The ``mtflow`` command line: help, printed configs carrying the paper values, stacked configs, extra
+subcommands, and bad manifests failing before any rollout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from mtflow.cli import main
+from mtflow.testing.fixtures import REPO_CONFIGS, tiny_fit_config, write_config, write_random_manifest
+
+
+def _printed_config(capsys, *configs: str, extra: tuple[str, ...] = ()) -> dict:
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(REPO_CONFIGS / config)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *extra, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    "config,loss", [("flux_kontext_grpo.yaml", "grpo"), ("flux_kontext_nft.yaml", "nft")]
+)
+def test_paper_configs_print_the_paper_values(capsys, config, loss):
+    printed = _printed_config(capsys, config)
+    model = printed["model"]
+    policy = model["policy"]["init_args"]
+    assert model["loss"] == loss
+    assert (model["group_size"], model["num_steps"], model["lambda_cc"]) == (16, 12, 0.3)
+    assert (model["fusion"], model["broadcast"], model["aggregation"]) == ("advantage", "trajectory", "mean")
+    assert model["adv_clip"] == 5.0 and model["lr"] == 3e-4
+    assert policy["pretrained"] == "black-forest-labs/FLUX.1-Kontext-dev"
+    assert (policy["resolution"], policy["guidance_scale"], policy["lora_rank"], policy["lora_alpha"]) == (
+        512,
+        2.5,
+        32,
+        32,
+    )
+    assert printed["data"]["init_args"]["num_turns"] == 3
+    assert model["scorer"]["class_path"] == "mtflow.reward.client.RemoteScorer"
+    assert model["scorer"]["init_args"]["url"].startswith("http://")
+    if loss == "grpo":
+        assert (model["noise_level"], model["clip_eps"], model["beta_kl"]) == (0.9, 1e-4, 0.0)
+    else:
+        assert (model["nft_beta"], model["ema_decay"]) == (1.0, 0.9)
+
+
+def test_stacked_configs_and_command_line_overrides(capsys):
+    printed = _printed_config(
+        capsys, "flux_kontext_grpo.yaml", "ablations/G8.yaml", extra=("--model.num_steps=6",)
+    )
+    assert printed["model"]["group_size"] == 8 and printed["model"]["num_steps"] == 6
+    printed = _printed_config(capsys, "flux_kontext_grpo.yaml", "ablations/window.yaml")
+    assert printed["model"]["stochastic"] == "window" and printed["model"]["clip_eps"] == 1e-5
+
+
+def test_reward_server_config_builds(capsys):
+    from mtflow.reward.server import main as serve_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--config", str(REPO_CONFIGS / "reward_server.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["host"] == "127.0.0.1"
+    assert printed["scorer"]["init_args"]["mode"] == "thinking"
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--help"], "fit"),
+        (["fit", "--help"], "--model.group_size"),
+        (["export", "--help"], "--ckpt_path"),
+        (["serve-reward", "--help"], "--port"),
+        (["data", "convert-edival", "--help"], "csv"),
+        (["sweep", "--help"], "collect"),
+    ],
+)
+def test_help(capsys, args, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None)
+    assert needle in capsys.readouterr().out
+
+
+def test_bad_manifest_fails_before_training_with_line_numbers(tiny_kontext_path, tmp_path):
+    manifest = write_random_manifest(tmp_path / "data", num_chains=3, num_turns=3)
+    lines = manifest.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["instructions"] = bad["instructions"][:2]  # 2 instructions where K = 3
+    worse = json.loads(lines[2])
+    worse["image"] = "missing.png"
+    lines[1], lines[2] = json.dumps(bad), json.dumps(worse)
+    lines.append(json.dumps({"id": "x", "image": "src_0000.png", "instructions": ["a", "", "c"]}))
+    manifest.write_text("\n".join(lines) + "\n")
+    config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, num_turns=3, name="bad")
+    with pytest.raises(ValueError) as error:
+        main(["fit", "--config", str(write_config(config, tmp_path / "bad.yaml"))])
+    message = str(error.value)
+    assert "manifest.jsonl:2" in message and "manifest.jsonl:3" in message and "manifest.jsonl:4" in message
+    assert not (tmp_path / "bad" / "version_0" / "metrics.csv").exists()  # nothing was rolled out
