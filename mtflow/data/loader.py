@@ -63,6 +63,7 @@ class ChainBatches:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
+        pad: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -73,6 +74,7 @@ class ChainBatches:
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
+        self.pad = pad
         self.epoch = 0
         self.next_position = 0
         if len(self) == 0:
@@ -88,9 +90,16 @@ class ChainBatches:
 
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
-            return list(range(len(self.source)))
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.source), generator=gen).tolist()
+            order = list(range(len(self.source)))
+        else:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.source), generator=gen).tolist()
+        if self.pad:
+            # Every rank gets the same number of full batches (sharded models need equal forward calls); the
+            # wrapped-around chains are repeats that evaluation removes by chain id.
+            total = len(self) * self.batch_size * self.world_size
+            order = (order * (total // max(len(order), 1) + 1))[:total]
+        return order
 
     def __iter__(self) -> Iterator[ChainBatch]:
         return self._generate()

@@ -52,6 +52,7 @@ class ChainDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             drop_last=shuffle,
+            pad=not shuffle,  # evaluation: equal batches on every rank; repeats are removed by chain id
         )
 
     def train_dataloader(self) -> ChainBatches:

@@ -71,6 +71,7 @@ class KontextPolicy(nn.Module):
         gradient_checkpointing: bool = False,
         text_cache_size: int = 64,
         local_files_only: bool = False,
+        lora_weights: str | None = None,
     ) -> None:
         """
         Args:
@@ -91,6 +92,8 @@ class KontextPolicy(nn.Module):
             gradient_checkpointing: recompute transformer activations in backward to save memory.
             text_cache_size: encoded instructions kept across calls (LRU); 0 disables the cross-call cache.
             local_files_only: never contact the hub.
+            lora_weights: a ``pytorch_lora_weights.safetensors`` (from ``mtflow export`` or diffusers) to start the
+                trained adapter from, e.g. to evaluate an exported LoRA with ``mtflow test``.
         """
         super().__init__()
         self.pretrained = pretrained
@@ -111,6 +114,7 @@ class KontextPolicy(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.text_cache_size = text_cache_size
         self.local_files_only = local_files_only
+        self.lora_weights = lora_weights
         self._pipeline = None
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.text_encoder_calls = 0  # batches sent through the text encoders (tests assert on it)
@@ -182,6 +186,8 @@ class KontextPolicy(nn.Module):
             for name in names:
                 self.transformer.add_adapter(config, adapter_name=name)
         self.adapter_names = list(names)
+        if self.lora_weights:
+            self.load_lora_file(self.lora_weights, TRAINED_ADAPTER)
         for layer in self._lora_layers():
             for name in names:
                 for weights in (layer.lora_A, layer.lora_B):
@@ -239,6 +245,42 @@ class KontextPolicy(nn.Module):
             if "lora_" in pname and marker in pname:
                 out.append((pname.replace(marker, "."), param))
         return out
+
+    @torch.no_grad()
+    def load_lora_file(self, path: str | Path, adapter: str = TRAINED_ADAPTER) -> None:
+        """Load a diffusers-format LoRA file (``transformer.<module>.lora_A.weight`` [+ ``.alpha``]) into ``adapter``.
+
+        A file alpha different from this policy's ``lora_alpha`` is folded into ``lora_B`` so that the effective
+        update (alpha / r) B A is exactly the file's.
+        """
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        params = dict(self.adapter_named_parameters(adapter))
+        loaded = set()
+        for key, value in tensors.items():
+            if not key.startswith("transformer.") or key.endswith(".alpha"):
+                continue
+            name = key[len("transformer.") :]
+            if name not in params:
+                raise KeyError(
+                    f"{path}: {key} does not match a LoRA module of this policy (targets {self.lora_targets})"
+                )
+            target = params[name]
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"{path}: {key} has shape {tuple(value.shape)}, this policy expects {tuple(target.shape)}"
+                )
+            if ".lora_B." in name:
+                module = name.rsplit(".lora_B.", 1)[0]
+                alpha = tensors.get(f"transformer.{module}.alpha")
+                if alpha is not None:
+                    value = value * (float(alpha) / self.lora_alpha)
+            target.copy_(value.to(target.dtype))
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise KeyError(f"{path} lacks {len(missing)} LoRA tensors of this policy, e.g. {missing[:3]}")
 
     @torch.no_grad()
     def copy_adapter(self, source: str, target: str) -> None:

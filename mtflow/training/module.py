@@ -15,6 +15,7 @@ import logging
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +26,8 @@ import torch
 from mtflow.advantage import AdvantageConfig, AdvantageResult, Aggregation, compute_advantages
 from mtflow.data.loader import ChainBatch, chains_of
 from mtflow.data.records import EditChain
+from mtflow.eval.evaluate import CONDITIONS, ConditionScores, build_report, rollout_and_score, scoring_items
+from mtflow.eval.metrics import MULTI_TURN, SINGLE_TURN_MERGED
 from mtflow.losses import (
     GRPOConfig,
     NFTConfig,
@@ -104,6 +107,8 @@ class FlowRLModule(L.LightningModule):
         max_nonfinite_skips: int = 3,
         eval_threshold: float = 4.0,
         eval_num_steps: int | None = None,
+        eval_conditions: list[str] | None = None,
+        eval_bootstrap: int = 1000,
         seed: int = 0,
     ) -> None:
         """
@@ -145,6 +150,9 @@ class FlowRLModule(L.LightningModule):
             max_nonfinite_skips: abort after this many consecutive iterations whose update was non-finite.
             eval_threshold: IF score that counts as a successful turn in validation metrics.
             eval_num_steps: sampler steps for validation rollouts (None: ``num_steps``).
+            eval_conditions: what ``mtflow test`` evaluates: any of "model", "base" (adapters disabled) and
+                "merged" (all K instructions as one edit); None: all three.
+            eval_bootstrap: bootstrap resamples for the confidence intervals of ``mtflow test``.
             seed: base seed of every random draw.
         """
         super().__init__()
@@ -188,7 +196,7 @@ class FlowRLModule(L.LightningModule):
         self.last_rollout: Rollout | None = None
         self.last_scores: ScoreBatch | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._val_scores: list[ScoreBatch] = []
+        self._eval: dict[str, ConditionScores] = {}
 
     # ================================================================== setup
     @property
@@ -579,33 +587,95 @@ class FlowRLModule(L.LightningModule):
             self._executor = None
 
     # ================================================================== validation
-    def validation_step(self, batch: ChainBatch | list[EditChain], batch_idx: int) -> None:
+    def _evaluate_batch(self, batch: ChainBatch | list[EditChain], conditions: Sequence[str]) -> None:
         chains = chains_of(batch)
-        steps = self.hparams.eval_num_steps or self.num_steps
-        config = RolloutConfig(
-            group_size=1,
-            num_steps=steps,
-            stochastic="none",
-            forward_batch_size=self.rollout_config.forward_batch_size,
-        )
-        # fixed noise per chain (not per iteration): successive validations differ only by the weights
-        gens = [_seeded(f"{self.hparams.seed}/eval/{c.chain_id}", self.device) for c in chains]
         self.policy.eval()
-        result = rollout(self.policy, chains, config, generator=gens, adapter=self.eval_adapter)
-        self._val_scores.append(self.scorer.score(scoring_items(result)))
+        for name in conditions:
+            if name not in self._eval:
+                self._eval[name] = ConditionScores(
+                    kind=SINGLE_TURN_MERGED if name == "merged" else MULTI_TURN
+                )
+            scores, items = rollout_and_score(
+                self.policy,
+                self.scorer,
+                chains,
+                condition=name,
+                adapter=None if name == "base" else self.eval_adapter,
+                num_steps=self.hparams.eval_num_steps or self.num_steps,
+                forward_batch_size=self.rollout_config.forward_batch_size,
+                seed=self.hparams.seed,
+            )
+            self._eval[name].add([c.chain_id for c in chains], scores, items, keep_items=4)
+
+    def _gathered_conditions(self) -> dict[str, ConditionScores]:
+        """Every rank's scores, on every rank (repeats from padded batches are removed later by chain id)."""
+        local, self._eval = self._eval, {}
+        if self.trainer.world_size == 1:
+            return local
+        payload = {
+            name: (
+                c.kind,
+                c.chain_ids,
+                c.scores.instruction_following,
+                c.scores.content_consistency,
+                c.scores.scored,
+            )
+            for name, c in local.items()
+        }
+        gathered: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, payload)
+        merged: dict[str, ConditionScores] = {}
+        for rank_payload in gathered:
+            for name, (kind, ids, if_s, cc_s, scored) in rank_payload.items():
+                target = merged.setdefault(name, ConditionScores(kind=kind))
+                target.add(ids, ScoreBatch(if_s, cc_s, scored), [], keep_items=0)
+        for name, condition in local.items():
+            merged[name].items = condition.items
+        return merged
+
+    def validation_step(self, batch: ChainBatch | list[EditChain], batch_idx: int) -> None:
+        self._evaluate_batch(batch, ["model"])
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_scores:
+        conditions = self._gathered_conditions()
+        if not conditions:
             return
-        from mtflow.eval.metrics import compute_eval_metrics
+        report = build_report(conditions, threshold=self.hparams.eval_threshold, num_bootstrap=0)
+        self.log_dict(_loggable(report.conditions["model"].to_stats("val")), on_step=False, on_epoch=True)
 
-        scores = ScoreBatch.concat(self._val_scores)
-        self._val_scores = []
-        tensors = [scores.instruction_following, scores.content_consistency, scores.scored]
-        if self.trainer.world_size > 1:
-            tensors = [self.all_gather(t.to(self.device)).flatten(0, 1).cpu() for t in tensors]
-        metrics = compute_eval_metrics(*tensors, threshold=self.hparams.eval_threshold, num_bootstrap=0)
-        self.log_dict(_loggable(metrics.to_stats("val")), on_step=False, on_epoch=True, sync_dist=False)
+    def test_step(self, batch: ChainBatch | list[EditChain], batch_idx: int) -> None:
+        self._evaluate_batch(batch, self.hparams.eval_conditions or list(CONDITIONS))
+
+    def on_test_epoch_end(self) -> None:
+        """Write the EdiVal-style report (json, Markdown, plots, image grid) to ``<run>/eval`` and print it."""
+        from mtflow.eval.report import render_markdown, write_report
+        from mtflow.training.callbacks import run_dir
+
+        conditions = self._gathered_conditions()
+        out_dir = run_dir(self.trainer) / "eval"
+        if not conditions:
+            return
+        report = build_report(
+            conditions,
+            threshold=self.hparams.eval_threshold,
+            num_bootstrap=self.hparams.eval_bootstrap,
+            seed=self.hparams.seed,
+            info={
+                "pretrained": self.policy.pretrained,
+                "adapter": self.eval_adapter,
+                "iteration": self.iteration,
+                "judge": type(self.scorer).__name__,
+                "num_steps": self.hparams.eval_num_steps or self.num_steps,
+            },
+        )
+        if self.trainer.is_global_zero:
+            primary = conditions[report.primary]
+            write_report(out_dir, report, grid_items=primary.items, grid_scores=None)
+            print(render_markdown(report))
+            print(f"evaluation report written to {out_dir}")
+        self.log_dict(
+            _loggable(report.conditions[report.primary].to_stats("eval")), on_step=False, on_epoch=True
+        )
 
     # ================================================================== checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -636,25 +706,6 @@ class FlowRLModule(L.LightningModule):
 
 
 # ====================================================================== helpers
-def scoring_items(result: Rollout) -> list[ScoringItem]:
-    """One judge item per trajectory: its chain's source, its K outputs, the K instructions."""
-    items = []
-    for n in range(result.num_trajectories):
-        b = result.chain_of(n)
-        chain = result.chains[b]
-        items.append(
-            ScoringItem(
-                item_id=f"{chain.chain_id}/g{n % result.group_size}",
-                chain_id=chain.chain_id,
-                source=result.source_pil(b),
-                outputs=[result.output_pil(n, k) for k in range(result.num_turns)],
-                instructions=list(chain.instructions),
-                metadata=chain.metadata,
-            )
-        )
-    return items
-
-
 def _seeded(key: str, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
 

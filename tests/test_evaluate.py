@@ -1,0 +1,163 @@
+"""``mtflow test``: deterministic evaluation of a checkpoint or an exported LoRA, with the model / base / merged
+conditions, written as report.json + Markdown + plots + image grid, numbers checked against an independent run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtflow.cli import main
+from mtflow.data.manifest import ManifestDataset
+from mtflow.eval.evaluate import evaluate_chains, merged_chain
+from mtflow.eval.metrics import compute_eval_metrics
+from mtflow.models.kontext import KontextPolicy
+from mtflow.testing.fixtures import tiny_fit_config, write_config, write_random_manifest
+from mtflow.testing.scorers import BrightnessScorer
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_kontext_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    manifest = write_random_manifest(root / "data", num_chains=6, num_turns=2)
+    config = tiny_fit_config(
+        tiny_kontext_path,
+        manifest,
+        root,
+        name="trained",
+        model={"lr": 0.05, "max_iterations": 2},
+        data={"val_manifest": str(manifest), "val_batch_size": 4},
+    )
+    path = write_config(config, root / "trained.yaml")
+    main(["fit", "--config", str(path)])
+    return root, manifest, path, root / "trained" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def _test(config_path, *extra):
+    return main(["test", "--config", str(config_path), *extra])
+
+
+def test_report_of_a_checkpoint_matches_an_independent_evaluation(tiny_kontext_path, trained_run):
+    root, manifest, config_path, ckpt = trained_run
+    cli = _test(config_path, "--ckpt_path", str(ckpt), "--model.eval_bootstrap=200")
+    out = root / "trained" / "version_0" / "eval"  # test reuses the logger's folder (version 0)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["conditions"]) == {"model", "base", "merged"}
+    assert (
+        report["conditions"]["merged"]["num_turns"] == 1 and report["conditions"]["model"]["num_turns"] == 2
+    )
+    assert {"model-base", "model-merged"} <= set(report["comparisons"])
+    for name in ("report.md", "turn_curves.png", "chains.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| turn" in (out / "report.md").read_text() or "turn" in (out / "report.md").read_text()
+
+    # independent: the base condition is a noise-free rollout with adapters disabled, scored by the same judge
+    chains = [ManifestDataset(manifest, 2)[i] for i in range(6)]
+    policy = cli.model.policy
+    independent, _ = evaluate_chains(
+        policy,
+        BrightnessScorer(),
+        chains,
+        conditions=["model", "base"],
+        model_adapter="default",
+        num_steps=2,
+        batch_size=4,
+        forward_batch_size=4,
+        seed=0,
+        num_bootstrap=0,
+    )
+    for name in ("model", "base"):
+        ours = report["conditions"][name]
+        theirs = independent.conditions[name]
+        for k in range(2):
+            assert ours["overall"][k]["value"] == pytest.approx(theirs.overall[k].value, abs=1e-9)
+            assert ours["consistency"][k]["value"] == pytest.approx(theirs.consistency[k].value, abs=1e-9)
+    # the trained adapter really differs from the base on these chains
+    assert report["conditions"]["model"]["mean_if"] != report["conditions"]["base"]["mean_if"]
+
+
+def test_exported_lora_evaluates_like_the_checkpoint(tiny_kontext_path, trained_run, tmp_path):
+    root, manifest, config_path, ckpt = trained_run
+    main(
+        [
+            "export",
+            "--config",
+            str(config_path),
+            "--ckpt_path",
+            str(ckpt),
+            "--output_dir",
+            str(tmp_path / "lora"),
+        ]
+    )
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    checkpoint_policy = KontextPolicy(
+        str(tiny_kontext_path),
+        dtype="float32",
+        resolution=32,
+        max_sequence_length=32,
+        lora_rank=4,
+        lora_alpha=8,
+    ).load()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    with torch.no_grad():
+        for name, param in checkpoint_policy.adapter_named_parameters("default"):
+            module, rest = name.rsplit(".lora_", 1)
+            param.copy_(state[f"policy.transformer.{module}.lora_{rest.split('.')[0]}.default.weight"])
+    # a policy configured with a different alpha still reproduces the exported update exactly
+    exported_policy = KontextPolicy(
+        str(tiny_kontext_path),
+        dtype="float32",
+        resolution=32,
+        max_sequence_length=32,
+        lora_rank=4,
+        lora_alpha=4,
+        lora_weights=str(lora),
+    ).load()
+    chains = [ManifestDataset(manifest, 2)[i] for i in range(3)]
+    kwargs = dict(
+        conditions=["model"], num_steps=2, batch_size=3, forward_batch_size=4, seed=0, num_bootstrap=0
+    )
+    a, raw_a = evaluate_chains(checkpoint_policy, BrightnessScorer(), chains, **kwargs)
+    b, raw_b = evaluate_chains(exported_policy, BrightnessScorer(), chains, **kwargs)
+    torch.testing.assert_close(
+        raw_a["model"].scores.instruction_following,
+        raw_b["model"].scores.instruction_following,
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_merged_chain_joins_instructions():
+    from PIL import Image
+
+    from mtflow.data.records import EditChain
+
+    chain = EditChain("c", Image.new("RGB", (8, 8)), ["make it red.", "add a circle", " remove the star "])
+    merged = merged_chain(chain)
+    assert merged.instructions == ["make it red. Then add a circle. Then remove the star."]
+    assert merged.chain_id == "c" and merged.num_turns == 1
+
+
+def test_metrics_drop_unscored_chains_in_evaluation(tiny_kontext_path, trained_run):
+    root, manifest, config_path, ckpt = trained_run
+    chains = [ManifestDataset(manifest, 2)[i] for i in range(4)]
+    policy = KontextPolicy(
+        str(tiny_kontext_path), dtype="float32", resolution=32, max_sequence_length=32, lora_rank=4
+    ).load()
+    report, raw = evaluate_chains(
+        policy,
+        BrightnessScorer(unscorable_suffixes=["chain0001/g0"]),
+        chains,
+        conditions=["model"],
+        num_steps=2,
+        batch_size=4,
+        num_bootstrap=0,
+    )
+    metrics = report.conditions["model"]
+    assert metrics.num_chains == 4 and metrics.num_dropped_chains == 1 and metrics.num_scored_chains == 3
+    scores = raw["model"].scores
+    expected = compute_eval_metrics(
+        scores.instruction_following, scores.content_consistency, scores.scored, num_bootstrap=0
+    )
+    assert metrics.overall[1].value == pytest.approx(expected.overall[1].value)
