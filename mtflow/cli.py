@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mtflow.data.module import ChainDataModule
-from mtflow.training.callbacks import IterationCheckpoint, RolloutImageLogger, RunStatus
+from mtflow.training.callbacks import HeldOutEvaluation, IterationCheckpoint, RolloutImageLogger, RunStatus
 from mtflow.training.module import FlowRLModule
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -72,6 +72,7 @@ class MtflowCLI(LightningCLI):
         parser.add_lightning_class_args(RolloutImageLogger, "image_logger")
         parser.add_lightning_class_args(IterationCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RunStatus, "run_status")
+        parser.add_lightning_class_args(HeldOutEvaluation, "heldout")
         parser.set_defaults(
             {
                 "trainer.log_every_n_steps": 1,

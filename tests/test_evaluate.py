@@ -128,6 +128,38 @@ def test_exported_lora_evaluates_like_the_checkpoint(tiny_kontext_path, trained_
     )
 
 
+def test_fit_prints_and_writes_the_before_after_heldout_table(tiny_kontext_path, trained_run):
+    root, manifest, config_path, ckpt = trained_run
+    folder = root / "trained" / "version_0" / "heldout"
+    data = json.loads((folder / "before_after.json").read_text())
+    table = (folder / "before_after.md").read_text()
+    assert "O_k before" in table and "exposure bias" in table
+    assert (folder / "after" / "report.json").is_file()
+    # "before" is the prior: LoRA B starts at 0, so it equals the base model evaluated independently
+    base = KontextPolicy(
+        str(tiny_kontext_path), dtype="float32", resolution=32, max_sequence_length=32, lora_rank=4
+    ).load()
+    chains = [ManifestDataset(manifest, 2)[i] for i in range(6)]
+    independent, _ = evaluate_chains(
+        base,
+        BrightnessScorer(),
+        chains,
+        conditions=["model"],
+        model_adapter=None,
+        num_steps=2,
+        batch_size=32,
+        forward_batch_size=4,
+        seed=0,
+        num_bootstrap=0,
+    )
+    before = data["before"]["conditions"]["model"]
+    for k in range(2):
+        assert before["overall"][k]["value"] == pytest.approx(
+            independent.conditions["model"].overall[k].value
+        )
+    assert data["after"]["conditions"]["model"]["mean_if"] != before["mean_if"]
+
+
 def test_merged_chain_joins_instructions():
     from PIL import Image
 

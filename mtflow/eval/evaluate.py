@@ -230,3 +230,33 @@ def turn_table(report: EvalReport, names: Sequence[str] | None = None) -> str:
 
 def _fmt(value: float) -> str:
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
+
+def before_after_table(before: EvalReport, after: EvalReport, condition: str = "model") -> str:
+    """Markdown table: per turn, C_k / CC_k / O_k / M_k before and after, with the change in points."""
+    a, b = before.conditions[condition], after.conditions[condition]
+    lines = [
+        "| turn | C_k before | C_k after | CC_k before | CC_k after | O_k before | O_k after | O_k change |"
+        " M_k before | M_k after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for k in range(a.num_turns):
+        change = b.overall[k].value - a.overall[k].value
+        cells = [
+            a.cumulative_success[k].value,
+            b.cumulative_success[k].value,
+            a.consistency[k].value,
+            b.consistency[k].value,
+            a.overall[k].value,
+            b.overall[k].value,
+        ]
+        row = " | ".join(_fmt(v) for v in cells)
+        lines.append(
+            f"| {k + 1} | {row} | {change:+.1f} | {_fmt(a.marginal_success[k].value)} |"
+            f" {_fmt(b.marginal_success[k].value)} |"
+        )
+    lines.append(
+        f"\nexposure bias M_1 - M_K: {_fmt(a.exposure_bias.value)} before, {_fmt(b.exposure_bias.value)} after "
+        f"({a.num_scored_chains} chains)"
+    )
+    return "\n".join(lines)

@@ -81,7 +81,7 @@ class KontextPolicy(nn.Module):
             resolution: square side in pixels that sources and outputs are resized to (multiple of 16 for Kontext).
             guidance_scale: the distilled guidance scalar fed to the guidance embedding (Kontext-dev: 2.5).
             max_sequence_length: T5 tokens per instruction (Kontext: 512).
-            lora_rank: LoRA rank r.
+            lora_rank: LoRA rank r (0: no adapters, the bare model, e.g. for supervised training of a prior).
             lora_alpha: LoRA alpha (None: alpha = rank, the scale ComfyUI and diffusers agree on).
             lora_targets: module names to adapt (None: the attention projections).
             lora_feed_forward: also adapt the feed-forward layers.
@@ -164,7 +164,10 @@ class KontextPolicy(nn.Module):
             self.transformer.set_attention_backend(self.attention_backend)
         if self.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        self._add_lora_adapters([TRAINED_ADAPTER, *extra_adapters])
+        if self.lora_rank > 0:
+            self._add_lora_adapters([TRAINED_ADAPTER, *extra_adapters])
+        elif extra_adapters or self.lora_weights:
+            raise ValueError("lora_rank=0 loads the bare model: it cannot hold adapters or LoRA weights")
         if device is not None:
             self.to(device)
         return self
@@ -221,6 +224,9 @@ class KontextPolicy(nn.Module):
     @contextmanager
     def use_adapter(self, name: str | None) -> Iterator[None]:
         """Route forward passes through adapter ``name`` (None: adapters disabled, i.e. the frozen base)."""
+        if not self.adapter_names:  # bare model (lora_rank=0): every policy is the base
+            yield
+            return
         if name is not None and name not in self.adapter_names:
             raise KeyError(f"unknown adapter {name!r}; have {self.adapter_names}")
         layers = self._lora_layers()

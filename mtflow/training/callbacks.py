@@ -186,3 +186,89 @@ class RunStatus(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.samples_seen = int(state_dict.get("samples_seen", 0))
+
+
+class HeldOutEvaluation(L.Callback):
+    """Evaluate held-out chains before RL (the prior) and after it, and print the per-turn before/after table
+    (cumulative success C_k, consistency CC_k, overall O_k, marginal M_k). Writes ``<run>/heldout/``:
+    ``before_after.json``, ``before_after.md`` and the full report of the trained model."""
+
+    def __init__(self, num_chains: int = 64, batch_size: int = 32, enabled: bool = True) -> None:
+        """
+        Args:
+            num_chains: held-out chains evaluated (the first ones of the data module's validation split).
+            batch_size: chains per evaluation rollout.
+            enabled: switch the evaluation off without removing the callback.
+        """
+        self.num_chains = num_chains
+        self.batch_size = batch_size
+        self.enabled = enabled
+        self.before: dict[str, Any] | None = None
+
+    def _evaluate(self, trainer, pl_module):
+        from mtflow.eval.evaluate import evaluate_chains
+
+        source = trainer.datamodule.sources.get("val") if trainer.datamodule is not None else None
+        if source is None:
+            return None
+        chains = [source[i] for i in range(min(self.num_chains, len(source)))]
+        # every rank evaluates the same chains (sharded models need equal forward calls on all ranks)
+        pl_module.policy.eval()
+        report, raw = evaluate_chains(
+            pl_module.policy,
+            pl_module.scorer,
+            chains,
+            conditions=["model"],
+            model_adapter=pl_module.eval_adapter,
+            num_steps=pl_module.hparams.eval_num_steps or pl_module.num_steps,
+            batch_size=self.batch_size,
+            forward_batch_size=pl_module.rollout_config.forward_batch_size,
+            seed=pl_module.hparams.seed,
+            threshold=pl_module.hparams.eval_threshold,
+            num_bootstrap=200,
+        )
+        return report, raw
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        folder = run_dir(trainer) / "heldout"
+        if not self.enabled or self.before is not None:
+            return  # resumed: keep the prior's numbers from the checkpoint
+        result = self._evaluate(trainer, pl_module)
+        if result is None:
+            return
+        self.before = result[0].to_dict()
+        if trainer.is_global_zero:
+            from mtflow.eval.evaluate import turn_table
+            from mtflow.eval.report import EvalReport
+
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"\nheld-out chains before RL (iteration {pl_module.iteration}):")
+            print(turn_table(EvalReport.from_dict(self.before)))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        folder = run_dir(trainer) / "heldout"
+        if not self.enabled or self.before is None:
+            return
+        result = self._evaluate(trainer, pl_module)
+        if result is None or not trainer.is_global_zero:
+            return
+        from mtflow.eval.evaluate import before_after_table
+        from mtflow.eval.report import EvalReport, write_report
+
+        after, raw = result
+        before = EvalReport.from_dict(self.before)
+        table = before_after_table(before, after)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "before_after.md").write_text(table + "\n")
+        (folder / "before_after.json").write_text(
+            json.dumps({"before": before.to_dict(), "after": after.to_dict()}, indent=2, allow_nan=False)
+        )
+        write_report(folder / "after", after, grid_items=raw["model"].items)
+        print(f"\nheld-out chains, before RL -> after {pl_module.iteration} iterations:\n{table}")
+        print(f"(written to {folder})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"before": self.before}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = state_dict.get("before")
