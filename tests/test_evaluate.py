@@ -130,11 +130,12 @@ def test_exported_lora_evaluates_like_the_checkpoint(tiny_kontext_path, trained_
 
 def test_fit_prints_and_writes_the_before_after_heldout_table(tiny_kontext_path, trained_run):
     root, manifest, config_path, ckpt = trained_run
-    folder = root / "trained" / "version_0" / "heldout"
+    folder = root / "trained" / "version_0" / "eval"
     data = json.loads((folder / "before_after.json").read_text())
     table = (folder / "before_after.md").read_text()
     assert "O_k before" in table and "exposure bias" in table
-    assert (folder / "after" / "report.json").is_file()
+    after_report = json.loads((folder / "report.json").read_text())  # the run-folder contract sweeps read
+    assert after_report["conditions"]["model"] == data["after"]["conditions"]["model"]
     # "before" is the prior: LoRA B starts at 0, so it equals the base model evaluated independently
     base = KontextPolicy(
         str(tiny_kontext_path), dtype="float32", resolution=32, max_sequence_length=32, lora_rank=4

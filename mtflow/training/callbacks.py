@@ -190,8 +190,8 @@ class RunStatus(L.Callback):
 
 class HeldOutEvaluation(L.Callback):
     """Evaluate held-out chains before RL (the prior) and after it, and print the per-turn before/after table
-    (cumulative success C_k, consistency CC_k, overall O_k, marginal M_k). Writes ``<run>/heldout/``:
-    ``before_after.json``, ``before_after.md`` and the full report of the trained model."""
+    (cumulative success C_k, consistency CC_k, overall O_k, marginal M_k). Writes ``<run>/eval/``:
+    ``before_after.json``, ``before_after.md`` and the report of the trained model (``report.json`` ...)."""
 
     def __init__(self, num_chains: int = 64, batch_size: int = 32, enabled: bool = True) -> None:
         """
@@ -230,7 +230,7 @@ class HeldOutEvaluation(L.Callback):
         return report, raw
 
     def on_train_start(self, trainer, pl_module) -> None:
-        folder = run_dir(trainer) / "heldout"
+        folder = run_dir(trainer) / "eval"
         if not self.enabled or self.before is not None:
             return  # resumed: keep the prior's numbers from the checkpoint
         result = self._evaluate(trainer, pl_module)
@@ -246,7 +246,7 @@ class HeldOutEvaluation(L.Callback):
             print(turn_table(EvalReport.from_dict(self.before)))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        folder = run_dir(trainer) / "heldout"
+        folder = run_dir(trainer) / "eval"
         if not self.enabled or self.before is None:
             return
         result = self._evaluate(trainer, pl_module)
@@ -263,7 +263,9 @@ class HeldOutEvaluation(L.Callback):
         (folder / "before_after.json").write_text(
             json.dumps({"before": before.to_dict(), "after": after.to_dict()}, indent=2, allow_nan=False)
         )
-        write_report(folder / "after", after, grid_items=raw["model"].items)
+        write_report(
+            folder, after, grid_items=raw["model"].items
+        )  # the run-folder contract: <run>/eval/report.json
         print(f"\nheld-out chains, before RL -> after {pl_module.iteration} iterations:\n{table}")
         print(f"(written to {folder})")
 
