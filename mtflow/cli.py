@@ -104,19 +104,24 @@ class MtflowCLI(LightningCLI):
                 self.trainer_defaults["callbacks"].append(RichProgressBar(leave=True))
 
 
+def _with_default_config(argv: list[str]) -> list[str]:
+    """``mtflow fit`` with no ``--config`` runs the embedded toy world (configs/toy.yaml)."""
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if argv[:1] == ["fit"] and not asks_help and not any(a.startswith("--config") for a in argv):
+        if DEFAULT_FIT_CONFIG.is_file():
+            return ["fit", "--config", str(DEFAULT_FIT_CONFIG), *argv[1:]]
+    return argv
+
+
 def _lightning_main(args: Sequence[str] | None) -> MtflowCLI:
     # Frozen encoders are in eval mode on purpose (T5 dropout must stay off); Lightning warns about it.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    parser_kwargs: dict = {}
-    if DEFAULT_FIT_CONFIG.is_file():
-        parser_kwargs["fit"] = {"default_config_files": [str(DEFAULT_FIT_CONFIG)]}
     return MtflowCLI(
         FlowRLModule,
         ChainDataModule,
         subclass_mode_data=True,
         trainer_class=MtflowTrainer,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs=parser_kwargs,
         auto_configure_optimizers=False,
         args=list(args) if args is not None else None,
     )
@@ -161,7 +166,7 @@ def main(args: Sequence[str] | None = None) -> MtflowCLI | None:
     if argv and argv[0] in EXTRA_COMMANDS:
         EXTRA_COMMANDS[argv[0]](argv[1:])
         return None
-    return _lightning_main(argv)
+    return _lightning_main(_with_default_config(argv))
 
 
 if __name__ == "__main__":

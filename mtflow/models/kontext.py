@@ -50,6 +50,19 @@ FEED_FORWARD_LORA_TARGETS = (
 )
 
 
+PACKAGE_ASSETS = "mtflow-assets:"
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """``mtflow-assets:<path>`` names a checkpoint shipped inside the package (e.g. ``mtflow-assets:toy/prior``,
+    the toy world's editor prior); anything else is a hub id or a folder, passed through."""
+    if pretrained.startswith(PACKAGE_ASSETS):
+        relative = pretrained[len(PACKAGE_ASSETS) :].strip("/")
+        head, _, tail = relative.partition("/")
+        return str(Path(__file__).resolve().parents[1] / head / "assets" / tail)
+    return pretrained
+
+
 class KontextPolicy(nn.Module):
     """FLUX.1-Kontext editor with LoRA adapters (construction is cheap; ``load()`` reads the weights)."""
 
@@ -75,7 +88,8 @@ class KontextPolicy(nn.Module):
     ) -> None:
         """
         Args:
-            pretrained: hub id or local folder of a FluxKontextPipeline checkpoint.
+            pretrained: hub id or local folder of a FluxKontextPipeline checkpoint (``mtflow-assets:toy/prior``: the
+                toy editor shipped with mtflow).
             revision: hub revision (branch, tag or commit) of ``pretrained``.
             dtype: dtype of the frozen base (transformer, VAE, text encoders); LoRA weights are always float32.
             resolution: square side in pixels that sources and outputs are resized to (multiple of 16 for Kontext).
@@ -136,7 +150,7 @@ class KontextPolicy(nn.Module):
         dtype = DTYPES[self.dtype_name]
         try:
             pipe = FluxKontextPipeline.from_pretrained(
-                self.pretrained,
+                resolve_pretrained(self.pretrained),
                 revision=self.revision,
                 dtype=dtype,
                 local_files_only=self.local_files_only,
