@@ -16,9 +16,10 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from mtflow import kernels
 from mtflow.data.records import EditChain
 from mtflow.models.base import EditPolicy, TextEmbeddings
-from mtflow.sampling import StochasticMode, sde_step, stochastic_steps, transition_log_prob
+from mtflow.sampling import StochasticMode, stochastic_steps
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -35,6 +36,7 @@ class RolloutConfig:
         window_size: W, the number of consecutive SDE steps in window mode.
         forward_batch_size: samples per transformer forward (memory bound).
         store_dtype: dtype of recorded states ("bfloat16" halves rollout memory; log-probs stay exact).
+        kernels: "auto" (fused Triton SDE step on CUDA, torch elsewhere), "torch" or "triton".
     """
 
     group_size: int = 16
@@ -44,6 +46,7 @@ class RolloutConfig:
     window_size: int = 2
     forward_batch_size: int = 16
     store_dtype: Literal["float32", "bfloat16"] = "float32"
+    kernels: Literal["auto", "torch", "triton"] = "auto"
 
 
 @dataclass
@@ -222,7 +225,7 @@ def rollout(
                     )
                     forward_calls += 1
                 stochastic = is_recorded and noise_level > 0
-                step = sde_step(
+                step = kernels.sde_step(
                     x,
                     velocity,
                     sigmas[i],
@@ -230,6 +233,7 @@ def rollout(
                     noise_level if stochastic else 0.0,
                     noise=noise.normal(n_total, tuple(x.shape[1:]), x.device) if stochastic else None,
                     store_dtype=store_dtype if is_recorded else None,
+                    backend=config.kernels,
                 )
                 if is_recorded:
                     turn_states.append(x.to(store_dtype))
@@ -314,7 +318,9 @@ def transition_batches(rollout: Rollout, batch_size: int) -> list[TransitionBatc
     ]
 
 
-def recompute_transition(policy: EditPolicy, rollout: Rollout, batch: TransitionBatch):
+def recompute_transition(
+    policy: EditPolicy, rollout: Rollout, batch: TransitionBatch, backend: kernels.Backend = "auto"
+):
     """Velocity and log-prob of a recorded transition under the policy's active adapter (differentiable).
 
     Returns:
@@ -330,12 +336,13 @@ def recompute_transition(policy: EditPolicy, rollout: Rollout, batch: Transition
         rollout.text,
         rollout.text_index[sl, k],
     )
-    log_prob, mean, std = transition_log_prob(
+    log_prob, mean, std = kernels.transition_log_prob(
         x,
         velocity,
         rollout.next_states[sl, k, s],
         rollout.sigmas[i],
         rollout.sigmas[i + 1],
         rollout.noise_level,
+        backend=backend,
     )
     return log_prob, mean, std, velocity

@@ -28,15 +28,8 @@ from mtflow.data.loader import ChainBatch, chains_of
 from mtflow.data.records import EditChain
 from mtflow.eval.evaluate import CONDITIONS, ConditionScores, build_report, rollout_and_score, scoring_items
 from mtflow.eval.metrics import MULTI_TURN, SINGLE_TURN_MERGED
-from mtflow.losses import (
-    GRPOConfig,
-    NFTConfig,
-    ema_update_,
-    grpo_loss,
-    nft_loss,
-    old_adapter_decay,
-    soft_update_,
-)
+from mtflow.kernels import grpo_loss, nft_loss
+from mtflow.losses import GRPOConfig, NFTConfig, ema_update_, old_adapter_decay, soft_update_
 from mtflow.models.kontext import KontextPolicy
 from mtflow.reward.base import ScoreBatch, Scorer, ScoringItem
 from mtflow.rollout import Rollout, RolloutConfig, recompute_transition, rollout, transition_batches
@@ -109,6 +102,7 @@ class FlowRLModule(L.LightningModule):
         eval_num_steps: int | None = None,
         eval_conditions: list[str] | None = None,
         eval_bootstrap: int = 1000,
+        kernels: Literal["auto", "torch", "triton"] = "auto",
         seed: int = 0,
     ) -> None:
         """
@@ -153,6 +147,7 @@ class FlowRLModule(L.LightningModule):
             eval_conditions: what ``mtflow test`` evaluates: any of "model", "base" (adapters disabled) and
                 "merged" (all K instructions as one edit); None: all three.
             eval_bootstrap: bootstrap resamples for the confidence intervals of ``mtflow test``.
+            kernels: fused Triton kernels for the SDE step and the losses: "auto" (on CUDA), "torch", "triton".
             seed: base seed of every random draw.
         """
         super().__init__()
@@ -177,6 +172,7 @@ class FlowRLModule(L.LightningModule):
             window_size=window_size,
             forward_batch_size=forward_batch_size,
             store_dtype=store_dtype,
+            kernels=kernels,
         )
         self.advantage_config = AdvantageConfig(
             aggregation=aggregation,
@@ -375,7 +371,7 @@ class FlowRLModule(L.LightningModule):
         means = {}
         with self.policy.use_adapter(None):
             for batch in transition_batches(result, self.rollout_config.forward_batch_size):
-                _, mean, _, _ = recompute_transition(self.policy, result, batch)
+                _, mean, _, _ = recompute_transition(self.policy, result, batch, self.hparams.kernels)
                 means[_batch_key(batch)] = mean
         return means
 
@@ -402,7 +398,9 @@ class FlowRLModule(L.LightningModule):
             total_weight = sum(float(weights[b.trajectories, b.turn].sum()) for b in micro)
             losses = []
             for batch in micro:
-                log_prob, mean, std, _ = recompute_transition(self.policy, result, batch)
+                log_prob, mean, std, _ = recompute_transition(
+                    self.policy, result, batch, self.hparams.kernels
+                )
                 weight = weights[batch.trajectories, batch.turn]
                 ref_mean = ref_means[_batch_key(batch)] if ref_means else None
                 loss, stats = grpo_loss(
@@ -414,6 +412,7 @@ class FlowRLModule(L.LightningModule):
                     mean=mean if ref_mean is not None else None,
                     ref_mean=ref_mean,
                     std=std if ref_mean is not None else None,
+                    backend=self.hparams.kernels,
                 )
                 # Each micro-batch loss is a weighted mean; rescale so the step sees the chunk's weighted mean.
                 share = float(weight.sum()) / total_weight if total_weight > 0 else 0.0
@@ -502,6 +501,7 @@ class FlowRLModule(L.LightningModule):
                     self.nft_config,
                     v_ref=None if samples.v_ref is None else samples.v_ref[idx],
                     weight=weight,
+                    backend=self.hparams.kernels,
                 )
                 share = float(weight.sum()) / total_weight if total_weight > 0 else 0.0
                 self.manual_backward(loss * share)
