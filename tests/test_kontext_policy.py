@@ -211,3 +211,38 @@ def test_load_errors_name_the_checkpoint(tmp_path):
 def test_resolution_must_fit_the_packing(tiny_kontext_path):
     with pytest.raises(ValueError, match="multiple of 4"):
         KontextPolicy(str(tiny_kontext_path), dtype="float32", resolution=30).load()
+
+
+def test_attention_backend_and_gradient_checkpointing_keep_the_numbers(tiny_kontext_path):
+    def run(**kwargs):
+        policy = KontextPolicy(
+            str(tiny_kontext_path),
+            dtype="float32",
+            resolution=RES,
+            max_sequence_length=32,
+            lora_rank=4,
+            **kwargs,
+        ).load()
+        _perturb(policy.adapter_parameters("default"), 5)
+        policy.train()
+        text = policy.encode_text(["make it red"])
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, policy.image_seq_len, 16, generator=gen)
+        ref = torch.randn(2, policy.image_seq_len, 16, generator=gen)
+        v = policy.velocity(x, torch.tensor(0.6), ref, text, torch.zeros(2, dtype=torch.long))
+        v.square().mean().backward()
+        return v.detach(), [p.grad.clone() for p in policy.adapter_parameters("default")], policy
+
+    v_ref, g_ref, plain = run()
+    v_native, g_native, native = run(attention_backend="native")
+    v_ckpt, g_ckpt, ckpt = run(gradient_checkpointing=True)
+    assert ckpt.transformer.is_gradient_checkpointing and not plain.transformer.is_gradient_checkpointing
+    # train() must leave the frozen encoders in eval mode (T5 dropout would randomise the cached embeddings)
+    assert plain.transformer.training and not plain.text_encoder_2.training and not plain.vae.training
+    torch.testing.assert_close(v_native, v_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(v_ckpt, v_ref, atol=1e-6, rtol=0)
+    for a, b, c in zip(g_ref, g_native, g_ckpt):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-5)
+    with pytest.raises(Exception, match="not_a_backend|backend"):
+        run(attention_backend="not_a_backend")

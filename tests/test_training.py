@@ -99,30 +99,42 @@ def test_fit_updates_only_lora_and_logs_documented_metrics(tiny_kontext_path, ma
         assert any(not torch.equal(a, b) for a, b in zip(ema, trained))
 
 
-def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_kontext_path, manifest, tmp_path):
-    full = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 4}, name="full")
-    full_cli = _fit(full, tmp_path)
-    first = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 2}, name="first")
-    _fit(first, tmp_path)
+@pytest.mark.parametrize("loss", ["grpo", "nft"])
+def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_kontext_path, manifest, tmp_path, loss):
+    # NFT also carries the old adapter and the EMA adapter through the checkpoint
+    extra = {"loss": loss} if loss == "grpo" else {"loss": loss, "ema_decay": 0.5, "nft_train_timesteps": 2}
+
+    def config(name: str, iterations: int) -> dict:
+        return tiny_fit_config(
+            tiny_kontext_path, manifest, tmp_path, model={**extra, "max_iterations": iterations}, name=name
+        )
+
+    full_cli = _fit(config("full", 4), tmp_path)
+    _fit(config("first", 2), tmp_path)
     ckpt = tmp_path / "first" / "version_0" / "checkpoints" / "last.ckpt"
     # the checkpoint holds adapters and optimiser state only: no base weight
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["state_dict"] and all("lora_" in k for k in state["state_dict"])
+    adapters = {k.split(".")[-2] for k in state["state_dict"]}
+    assert adapters == ({"default"} if loss == "grpo" else {"default", "old", "ema"})
     assert ckpt.stat().st_size < 200_000
     base_bytes = sum(v.numel() * v.element_size() for v in full_cli.model.policy.transformer.parameters())
     assert ckpt.stat().st_size < base_bytes / 2
-    resumed_cfg = tiny_fit_config(
-        tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 4}, name="resumed"
-    )
-    resumed = _fit(resumed_cfg, tmp_path, "--ckpt_path", str(ckpt))
+    resumed = _fit(config("resumed", 4), tmp_path, "--ckpt_path", str(ckpt))
     assert resumed.model.iteration == 4
-    for key, value in _lora(full_cli).items():
+    for key, value in _lora(full_cli).items():  # trained, old and EMA adapters
         assert torch.equal(value, _lora(resumed)[key]), key
     full_rows = {r["train/iteration"]: r for r in _metrics(tmp_path / "full" / "version_0")}
     resumed_rows = {r["train/iteration"]: r for r in _metrics(tmp_path / "resumed" / "version_0")}
     assert set(resumed_rows) == {"3.0", "4.0"}
+    keys = [
+        "reward/mean",
+        "loss/policy",
+        "adv/std",
+        "policy/approx_kl" if loss == "grpo" else "policy/r_mean",
+    ]
     for it in ("3.0", "4.0"):
-        for key in ("reward/mean", "loss/policy", "adv/std", "policy/approx_kl"):
+        for key in keys:
             assert full_rows[it][key] == resumed_rows[it][key], (it, key)
 
 

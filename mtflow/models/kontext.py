@@ -456,6 +456,15 @@ class KontextPolicy(nn.Module):
         )[0]
         return out[:, :length].float()
 
+    def train(self, mode: bool = True) -> KontextPolicy:
+        """Only the transformer follows train/eval: the frozen encoders and the VAE stay in eval mode (T5's dropout
+        would otherwise make the cached instruction embeddings random)."""
+        super().train(mode)
+        if self.is_loaded:
+            for module in (self.text_encoder, self.text_encoder_2, self.vae):
+                module.eval()
+        return self
+
     # ------------------------------------------------------------------ misc
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
