@@ -194,3 +194,15 @@ def test_metrics_drop_unscored_chains_in_evaluation(tiny_kontext_path, trained_r
         scores.instruction_following, scores.content_consistency, scores.scored, num_bootstrap=0
     )
     assert metrics.overall[1].value == pytest.approx(expected.overall[1].value)
+
+
+def test_validate_logs_heldout_metrics_of_the_checkpoint(tiny_kontext_path, trained_run):
+    root, manifest, config_path, ckpt = trained_run
+    cli = main(["validate", "--config", str(config_path), "--ckpt_path", str(ckpt)])
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert metrics["val/num_scored_chains"] == 6.0  # padded batches of 4 hold 6 distinct chains
+    # same chains and noise as the held-out report written at the end of fit (same weights: the last checkpoint)
+    after = json.loads((root / "trained" / "version_0" / "eval" / "before_after.json").read_text())["after"]
+    for k in (1, 2):
+        expected = after["conditions"]["model"]["overall"][k - 1]["value"]
+        assert metrics[f"val/overall_turn{k}"] == pytest.approx(expected, abs=1e-4)
