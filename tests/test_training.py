@@ -234,8 +234,7 @@ def test_export_round_trip_into_a_stock_pipeline(tiny_kontext_path, manifest, tm
     )
     pipe = FluxKontextPipeline.from_pretrained(tiny_kontext_path, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(lora_file))
-    theirs = pipe(
+    call = dict(
         image=policy_source,
         prompt="make it red",
         num_inference_steps=3,
@@ -246,21 +245,10 @@ def test_export_round_trip_into_a_stock_pipeline(tiny_kontext_path, manifest, tm
         _auto_resize=False,
         max_sequence_length=32,
         output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    )
+    pipe.load_lora_weights(str(lora_file))
+    theirs = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(ours.final_latents[:, 0], theirs, atol=1e-5, rtol=1e-5)
     pipe.unload_lora_weights()
-    base = pipe(
-        image=policy_source,
-        prompt="make it red",
-        num_inference_steps=3,
-        guidance_scale=2.5,
-        height=32,
-        width=32,
-        max_area=32 * 32,
-        _auto_resize=False,
-        max_sequence_length=32,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    base = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert (base - theirs).abs().max() > 1e-3  # the LoRA really changes the output
