@@ -24,11 +24,22 @@ from mtflow.bench.projection import (
     project_iteration,
     qwen3vl_image_tokens,
     qwen3vl_prefill_flops,
+    rollout_storage_bytes,
     t5_encoder_flops,
 )
 from mtflow.bench.timing import PeakProbe, count_calls, fit_line, time_calls
 from mtflow.losses import GRPOConfig, grpo_loss
 from mtflow.rollout import RolloutConfig, recompute_transition, rollout, transition_batches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two OpenMP threads on two cores shared with other jobs spin against each other (runs ~40x slower here).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # ------------------------------------------------------------------------------------------------ timing
 
@@ -351,3 +362,16 @@ def test_t5_qwen_and_iteration_projection():
     assert math.isfinite(full.total_seconds) and full.total_seconds > window.total_seconds
     with pytest.raises(ValueError, match="unknown loss"):
         project_iteration(PaperSetting(), "ppo", hw)
+
+
+def test_rollout_storage_at_paper_scale():
+    # 16 trajectories x 3 turns; 1024 tokens x 64 channels per latent; 12 recorded steps, states and next states
+    full = rollout_storage_bytes(PaperSetting(), "grpo")
+    assert full == {
+        "states": 2 * 16 * 3 * 12 * 65536 * 4,
+        "latents": 2 * 16 * 3 * 65536 * 4,
+        "images": 16 * 3 * 3 * 512 * 512,
+    }
+    assert rollout_storage_bytes(PaperSetting(), "grpo", 2)["states"] == full["states"] // 2
+    assert rollout_storage_bytes(PaperSetting(), "grpo_window")["states"] == full["states"] * 2 // 12
+    assert rollout_storage_bytes(PaperSetting(), "nft")["states"] == 0

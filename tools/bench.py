@@ -55,6 +55,7 @@ from mtflow.bench.projection import (
     PaperSetting,
     flux_forward_flops,
     project_iteration,
+    rollout_storage_bytes,
 )
 from mtflow.bench.timing import count_calls, fit_line, time_calls
 from mtflow.rollout import RolloutConfig, rollout
@@ -123,8 +124,64 @@ class Context:
     chains: list
     base: dict
     runs: dict[str, RunResult] = field(default_factory=dict)
+    rounds: list[dict[str, RunResult]] = field(default_factory=list)
+    pass_totals: list[dict[str, dict[str, float]]] = field(default_factory=list)
     shapes: dict[str, IterationShape] = field(default_factory=dict)
     results: dict = field(default_factory=dict)
+
+
+def _median_wall(result: dict) -> float:
+    """Median iteration time (batch wall + Lightning's gap) of a worker's ``RunResult`` dict."""
+    return statistics.median(result["walls"]) + result["gap"]
+
+
+def _split_worker(result: dict) -> dict[str, dict]:
+    """A worker's alternating-variant result, split per variant."""
+    out: dict[str, dict] = {}
+    for i, name in enumerate(result["variants"]):
+        row = out.setdefault(name, {"walls": [], "peaks": [], "gap": result["gap"]})
+        row["walls"].append(result["walls"][i])
+        if result["peaks"]:
+            row["peaks"].append(result["peaks"][i])
+    return out
+
+
+def judge_items(ctx: Context) -> list:
+    """Judge items of one rollout of the benchmark's size (built once)."""
+    if "judge_items" not in ctx.results:
+        a = ctx.args
+        config = RolloutConfig(group_size=a.group, num_steps=a.steps, forward_batch_size=a.forward_batch)
+        sample = rollout(
+            ctx.policy, ctx.chains[: a.chains], config, generator=torch.Generator().manual_seed(0)
+        )
+        ctx.results["judge_items"] = scoring_items(sample)
+    return ctx.results["judge_items"]
+
+
+def time_passes(ctx: Context, shape: IterationShape) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds of every unavoidable pass of one configuration, each kind timed alone now (fresh timer).
+
+    Returns:
+        (seconds per pass kind summed over its calls, seconds per single call keyed "name@batch/adapter")
+    """
+    a = ctx.args
+    timer = PassTimer(ctx.policy, repeats=a.pass_repeats)
+    items = judge_items(ctx)
+    judge_s = time_calls(lambda: BrightnessScorer().score(items), a.pass_repeats).median
+    sampling = "old" if shape.loss == "nft" else "default"
+    totals: dict[str, float] = {}
+    for p in model_passes(shape):
+        if p.name == "judge":
+            seconds = judge_s
+        else:
+            adapter = {"rollout_forward": sampling, "old_forward": "old", "reference_forward": None}.get(
+                p.name, "default"
+            )
+            seconds = timer.seconds(p.name, p.batch_size, adapter)
+        totals[p.name] = totals.get(p.name, 0.0) + seconds * p.calls
+    per_call = {f"{k[0]}@{k[1]}/{k[2]}": v for k, v in timer.cache.items()}
+    per_call["judge"] = judge_s
+    return totals, per_call
 
 
 def loss_modes(ctx: Context) -> Section:
@@ -139,25 +196,39 @@ def loss_modes(ctx: Context) -> Section:
             {"loss": "nft", "nft_train_timesteps": d},
             IterationShape(a.chains, a.group, a.turns, a.steps, "nft", nft_draws=min(d, a.steps)),
         )
-    for name, (extra, shape) in configs.items():
-        log(f"loss modes: {name}")
-        shape = IterationShape(**{**asdict(shape), "forward_batch_size": a.forward_batch})
-        run = run_iterations(
-            ctx.policy, ctx.chains, a.chains, {**ctx.base, **extra}, a.repeats, a.warmup, count=True
-        )
-        adapter = "old" if shape.loss == "nft" else "default"
-        expected = expected_calls(model_passes(shape), adapter)
-        if run.calls != expected:
-            raise AssertionError(f"{name}: the iteration made {run.calls}, the pass model expects {expected}")
-        ctx.runs[name], ctx.shapes[name] = run, shape
+    for name, (_, shape) in configs.items():
+        ctx.shapes[name] = IterationShape(**{**asdict(shape), "forward_batch_size": a.forward_batch})
+    for r in range(a.rounds):
+        runs, totals = {}, {}
+        for name, (extra, _) in configs.items():
+            log(f"loss modes, round {r + 1}/{a.rounds}: {name}, then its passes alone")
+            shape = ctx.shapes[name]
+            run = run_iterations(
+                ctx.policy, ctx.chains, a.chains, {**ctx.base, **extra}, a.repeats, a.warmup, count=(r == 0)
+            )
+            if r == 0:
+                adapter = "old" if shape.loss == "nft" else "default"
+                expected = expected_calls(model_passes(shape), adapter)
+                if run.calls != expected:
+                    raise AssertionError(
+                        f"{name}: the iteration made {run.calls}, the pass model expects {expected}"
+                    )
+            runs[name] = run
+            totals[name], per_call = time_passes(ctx, shape)
+            if name == "grpo":
+                totals["_per_call"] = per_call
+        ctx.rounds.append(runs)
+        ctx.pass_totals.append(totals)
+    ctx.runs = {name: RunResult.merge([rnd[name] for rnd in ctx.rounds]) for name in configs}
     full = ctx.runs["grpo"].iteration_s
     n = a.chains * a.group
     section = Section(
         "GRPO full SDE vs window vs NFT",
         f"B = {a.chains}, G = {a.group}, K = {a.turns}, T = {a.steps}, W = {a.window}, forward batch "
-        f"{a.forward_batch}; median of {a.repeats} iterations after {a.warmup} warm-up, each driven by a Lightning "
-        "Trainer exactly as `mtflow fit` does. `rollout`, `update` and `score+prepare` are the module's own "
-        "`perf/*` stats.",
+        f"{a.forward_batch}. Each configuration is a Lightning `Trainer` fit of `FlowRLModule` exactly as `mtflow "
+        f"fit` drives it; {a.rounds} rounds through all configurations (so load from other jobs spreads over all), "
+        f"{a.repeats} timed iterations per round after {a.warmup} warm-up; medians over the {a.rounds * a.repeats} "
+        "iterations. `rollout`, `score+prepare` and `update` are the module's own `perf/*` stats.",
         [
             "mode",
             "iteration",
@@ -181,66 +252,72 @@ def loss_modes(ctx: Context) -> Section:
             ]
         )
     section.notes.append(
-        "Every run's network calls (transformer by grad mode and adapter, VAE encode/decode, text encoder, judge, "
-        "optimiser steps, each with its batch size) equal what `mtflow.bench.passes.model_passes` predicts: checked."
+        "Every configuration's network calls (transformer by grad mode and adapter, VAE encode/decode, text "
+        "encoder, judge, optimiser steps, each with its batch size) equal what `mtflow.bench.passes.model_passes` "
+        "predicts: checked on a real iteration."
     )
     ctx.results["loss_modes"] = {
-        k: {"iteration_s": v.iteration_s, "walls": v.walls, "stats": v.stats} for k, v in ctx.runs.items()
+        k: {"iteration_s": v.iteration_s, "walls": v.walls, "gap": v.gap, "stats": v.stats}
+        for k, v in ctx.runs.items()
     }
     return section
 
 
 def overhead(ctx: Context) -> tuple[Section, Section]:
     a = ctx.args
-    log("overhead: timing each model pass alone")
-    timer = PassTimer(ctx.policy, repeats=a.pass_repeats)
-    config = RolloutConfig(group_size=a.group, num_steps=a.steps, forward_batch_size=a.forward_batch)
-    sample = rollout(ctx.policy, ctx.chains[: a.chains], config, generator=torch.Generator().manual_seed(0))
-    items = scoring_items(sample)
-    judge_s = time_calls(lambda: BrightnessScorer().score(items), a.pass_repeats).median
     section = Section(
         "Framework overhead",
-        "Iteration wall time / the sum of the passes it cannot avoid, each timed alone on the raw modules "
+        "Iteration wall time / the sum of the passes it cannot avoid: each pass timed alone on the raw modules "
         "(diffusers transformer / VAE / text encoders called directly with prepared inputs, the judge's `score` on "
-        "ready items, AdamW on the LoRA parameters), times the number of such calls the iteration makes at the same "
-        f"batch sizes (median of {a.pass_repeats} calls each). Target: <= 1.15.",
+        f"ready items, AdamW on the LoRA parameters; median of {a.pass_repeats} calls) times the number of such "
+        "calls the iteration makes at the same batch sizes. The passes of a configuration are timed right after its "
+        "fit, in every round, and each round's iterations are divided by that round's passes; the table gives the "
+        "median over rounds (min - max in brackets). Target: <= 1.15.",
         ["mode", "iteration", "unavoidable", "overhead", "rollout / its passes", "update / its passes"],
     )
-    detail = Section(
-        "Unavoidable passes of one full-SDE GRPO iteration",
-        header=["pass", "calls x batch", "seconds per call", "total"],
-    )
     ctx.results["overhead"] = {}
-    for name, run in ctx.runs.items():
-        shape = ctx.shapes[name]
-        sampling = "old" if shape.loss == "nft" else "default"
-        totals: dict[str, float] = {}
-        for p in model_passes(shape):
-            if p.name == "judge":
-                seconds = judge_s
-            else:
-                adapter = {"rollout_forward": sampling, "old_forward": "old", "reference_forward": None}.get(
-                    p.name, "default"
-                )
-                seconds = timer.seconds(p.name, p.batch_size, adapter)
-            totals[p.name] = totals.get(p.name, 0.0) + seconds * p.calls
-            if name == "grpo":
-                detail.rows.append(
-                    [p.name, f"{p.calls} x {p.batch_size}", f"{seconds * 1e3:.2f} ms", _s(seconds * p.calls)]
-                )
-        unavoidable = sum(totals.values())
-        ratio = run.iteration_s / unavoidable
-        rollout_ratio = run.stat("perf/rollout_s") / sum(totals.get(k, 0) for k in ROLLOUT_PASSES)
-        update_ratio = run.stat("perf/update_s") / sum(totals.get(k, 0) for k in UPDATE_PASSES)
+    for name in ctx.runs:
+        ratios, rollouts, updates, unavoidables, iterations = [], [], [], [], []
+        for runs, totals in zip(ctx.rounds, ctx.pass_totals):
+            run, passes = runs[name], totals[name]
+            unavoidable = sum(passes.values())
+            ratios.append(run.iteration_s / unavoidable)
+            rollouts.append(run.stat("perf/rollout_s") / sum(passes.get(k, 0) for k in ROLLOUT_PASSES))
+            updates.append(run.stat("perf/update_s") / sum(passes.get(k, 0) for k in UPDATE_PASSES))
+            unavoidables.append(unavoidable)
+            iterations.append(run.iteration_s)
+
+        def cell(values, fmt=_x):
+            text = fmt(statistics.median(values))
+            return text if len(values) < 2 else f"{text} ({fmt(min(values))} - {fmt(max(values))})"
+
         section.rows.append(
-            [name, _s(run.iteration_s), _s(unavoidable), _x(ratio), _x(rollout_ratio), _x(update_ratio)]
+            [
+                name,
+                _s(statistics.median(iterations)),
+                _s(statistics.median(unavoidables)),
+                cell(ratios),
+                cell(rollouts),
+                cell(updates),
+            ]
         )
-        ctx.results["overhead"][name] = {"unavoidable_s": unavoidable, "ratio": ratio, "passes_s": totals}
+        ctx.results["overhead"][name] = {"ratios": ratios, "rollout": rollouts, "update": updates}
     section.notes.append(
         "`rollout / its passes` = the module's `perf/rollout_s` over text + VAE + rollout transformer passes; "
-        "`update / its passes` = `perf/update_s` over trained forward+backward + optimiser steps. The rest of an "
-        "iteration (judge items, advantages, logging, Lightning) is in the total only."
+        "`update / its passes` = `perf/update_s` over trained forward+backward + optimiser steps (NFT's old and "
+        "reference velocities run in `score+prepare`). The rest of an iteration (judge items, advantages, logging, "
+        "Lightning between batches) counts in the total only."
     )
+    detail = Section(
+        "Unavoidable passes of one full-SDE GRPO iteration (last round)",
+        header=["pass", "calls x batch", "seconds per call", "total"],
+    )
+    per_call = ctx.pass_totals[-1]["_per_call"]
+    for p in model_passes(ctx.shapes["grpo"]):
+        seconds = per_call["judge"] if p.name == "judge" else per_call[f"{p.name}@{p.batch_size}/default"]
+        detail.rows.append(
+            [p.name, f"{p.calls} x {p.batch_size}", f"{seconds * 1e3:.2f} ms", _s(seconds * p.calls)]
+        )
     return section, detail
 
 
@@ -285,10 +362,10 @@ def naive_comparison(ctx: Context) -> Section:
 
     rows = []
     counts = {}
-    for loss, mtflow_run in (("grpo", "grpo"), ("nft", f"nft_d{max(a.nft_draws)}")):
+    largest = max(a.nft_draws)
+    for loss in ("grpo", "nft"):
         if loss == "nft" and not a.naive_nft:
             continue
-        log(f"naive: timing the anchor-style {loss} loop")
         loop = NaiveLoop(
             policy,
             BrightnessScorer(),
@@ -299,34 +376,34 @@ def naive_comparison(ctx: Context) -> Section:
                 stochastic="all" if loss == "grpo" else "none",
                 forward_batch_size=1,
             ),
-            nft_draws=max(a.nft_draws),
+            nft_draws=largest,
         )
+        module = {**ctx.base, "loss": loss}
+        if loss == "nft":
+            module["nft_train_timesteps"] = largest
         targets = {
             "text_encode": (policy._pipeline, "encode_prompt"),
             "vae_encode": (policy.vae, "encode"),
             "vae_decode": (policy.vae, "decode"),
             "transformer": (policy.transformer, "forward"),
         }
-        with count_calls(targets) as calls:
-            first = loop.run(chains)
-        counts[loss] = {name: (calls.count(name), calls.samples(name)) for name in targets}
-        walls = [first["perf/iteration_s"]] + [
-            loop.run(chains)["perf/iteration_s"] for _ in range(a.naive_repeats - 1)
-        ]
-        naive_s = statistics.median(walls)
-        mine = ctx.runs[mtflow_run]
-        rows.append(
-            [
-                loss if loss == "grpo" else f"nft (D = {max(a.nft_draws)})",
-                _s(naive_s),
-                _s(mine.iteration_s),
-                _x(naive_s / mine.iteration_s),
-            ]
-        )
+        naive_walls, mtflow_runs = [], []
+        for r in range(a.naive_repeats):  # interleaved: naive iteration, then an mtflow fit, and again
+            log(f"naive: anchor-style {loss} iteration {r + 1}/{a.naive_repeats}, then mtflow's")
+            if r == 0:
+                with count_calls(targets) as calls:
+                    naive_walls.append(loop.run(chains)["perf/iteration_s"])
+                counts[loss] = {name: (calls.count(name), calls.samples(name)) for name in targets}
+            else:
+                naive_walls.append(loop.run(chains)["perf/iteration_s"])
+            mtflow_runs.append(run_iterations(policy, ctx.chains, a.chains, module, 1, a.warmup))
+        naive_s = statistics.median(naive_walls)
+        mine = RunResult.merge(mtflow_runs)
+        label = loss if loss == "grpo" else f"nft (D = {largest})"
+        rows.append([label, _s(naive_s), _s(mine.iteration_s), _x(naive_s / mine.iteration_s)])
         ctx.results.setdefault("naive", {})[loss] = {
-            "naive_s": naive_s,
-            "walls": walls,
-            "mtflow_s": mine.iteration_s,
+            "naive_walls": naive_walls,
+            "mtflow_walls": [w + mine.gap for w in mine.walls],
         }
     ctx.results.setdefault("naive", {})["checks"] = checks
     ctx.results["naive"]["counts"] = counts
@@ -335,16 +412,19 @@ def naive_comparison(ctx: Context) -> Section:
         f"Same work, same numbers, B = {a.chains}, G = {a.group}, K = {a.turns}, T = {a.steps}. The naive loop "
         "(`mtflow/bench/naive.py`) runs one trajectory at a time (batch 1 everywhere), encodes the instruction per "
         "trajectory and turn without a cache, VAE-encodes the source per trajectory and recomputes log-probs / "
-        f"velocities one sample at a time with one backward each; median of {a.naive_repeats} plain-Python "
-        "iterations (no Lightning). Target: mtflow >= 2x faster at G = 8, K = 3.",
+        "velocities one sample at a time with one backward each (plain Python, no Lightning). Interleaved with "
+        f"mtflow fits (one warm-up + one timed iteration each), {a.naive_repeats} of each; medians. Target: mtflow "
+        ">= 2x faster at G = 8, K = 3.",
         ["loss", "anchor-style loop", "mtflow (Trainer)", "mtflow speed-up"],
         rows,
     )
     section.notes.append(
         f"Same seeds, same weights: rollout images differ by at most {checks['max_pixel_diff']} grey level in "
-        f"{checks['pixels_differing']:.2e} of the pixels (float32 sums in another order at batch 1 vs batch "
+        f"{checks['pixels_differing']:.1e} of the pixels (float32 sums in another order at batch 1 vs batch "
         f"{a.forward_batch}), recorded log-probs by at most {logp_diff:.1e}, final latents by {latent_diff:.1e}; "
-        f"log-probs recomputed one sample at a time match the batched recording to {checks['max_recomputed_log_prob_diff']:.1e}."
+        "log-probs recomputed one sample at a time match the batched recording to "
+        f"{checks['max_recomputed_log_prob_diff']:.1e}. `tests/test_bench.py` also checks that the per-sample GRPO "
+        "update accumulates the batched gradient."
     )
     return section
 
@@ -370,53 +450,59 @@ def optimisations(ctx: Context) -> Section:
                 "prompts through T5 + CLIP per iteration",
             ]
         )
-        enc_calls, enc_samples = counts["vae_encode"]
-        mine_enc = sum(b * c for b, c in mtflow_calls["vae_encode"].items())
+        chained = n * (a.turns - 1)
+        naive_sources = counts["vae_encode"][1] - chained
+        mine_sources = sum(b * c for b, c in mtflow_calls["vae_encode"].items()) - chained
         rows.append(
             [
                 "source VAE-encoded once per chain (counted)",
-                f"{enc_samples} images",
-                f"{mine_enc} images",
-                _x(enc_samples / mine_enc),
-                f"VAE encodes per iteration ({n} trajectories x {a.turns - 1} chained turns are unavoidable)",
+                f"{naive_sources} images",
+                f"{mine_sources} images",
+                _x(naive_sources / mine_sources),
+                f"source encodes per iteration (the {chained} encodes of chained outputs are needed by both)",
             ]
         )
-    # batching of network calls across chains and trajectories (rollout only: the naive loop covers the update)
     log("optimisations: batching")
     config = RolloutConfig(group_size=a.group, num_steps=a.steps, forward_batch_size=a.forward_batch)
     one = RolloutConfig(group_size=a.group, num_steps=a.steps, forward_batch_size=1)
     gen = torch.Generator().manual_seed(5)
-    t_one = time_calls(
-        lambda: rollout(policy, chains[: a.chains], one, generator=gen), a.batching_repeats, 0
-    ).median
-    t_f = time_calls(
-        lambda: rollout(policy, chains[: a.chains], config, generator=gen), a.batching_repeats, 0
-    ).median
+    t_one, t_f = [], []
+    for _ in range(a.batching_repeats):  # interleaved
+        t_one += time_calls(lambda: rollout(policy, chains[: a.chains], one, generator=gen), 1, 0).times
+        t_f += time_calls(lambda: rollout(policy, chains[: a.chains], config, generator=gen), 1, 0).times
+    one_s, batched_s = statistics.median(t_one), statistics.median(t_f)
     rows.append(
         [
             f"batched network calls across chains and trajectories (rollout, batch 1 -> {a.forward_batch})",
-            _s(t_one),
-            _s(t_f),
-            _x(t_one / t_f),
+            _s(one_s),
+            _s(batched_s),
+            _x(one_s / batched_s),
             "rollout wall time, same work",
         ]
     )
-    res["batching"] = {"batch1_s": t_one, "batched_s": t_f}
-    # compact storage
-    log("optimisations: bf16 storage")
-    bf16 = run_iterations(
-        policy, chains, a.chains, {**ctx.base, "loss": "grpo", "store_dtype": "bfloat16"}, a.repeats, a.warmup
-    )
+    res["batching"] = {"batch1": t_one, "batched": t_f}
+    log("optimisations: bf16 storage (alternating iterations)")
+    store = run_iterations(
+        policy,
+        chains,
+        a.chains,
+        {**ctx.base, "loss": "grpo"},
+        a.repeats,
+        a.warmup,
+        variants=["store_float32", "store_bfloat16"],
+    ).split()
     fp32 = ctx.runs["grpo"]
     state_bytes = fp32.rollout_bytes["states"] + fp32.rollout_bytes["next_states"]
-    state_bf16 = bf16.rollout_bytes["states"] + bf16.rollout_bytes["next_states"]
+    # the same tensors at 2 bytes per element (the fit above ended on a bf16 iteration: checked in the report)
+    state_bf16 = state_bytes // 2
+    f32_s, bf16_s = store["store_float32"].iteration_s, store["store_bfloat16"].iteration_s
     rows.append(
         [
             "rollout states stored in bf16 (`store_dtype`)",
-            f"{_mb(state_bytes)}, {_s(fp32.iteration_s)}",
-            f"{_mb(state_bf16)}, {_s(bf16.iteration_s)}",
-            f"{_x(state_bytes / state_bf16)} memory, {_x(fp32.iteration_s / bf16.iteration_s)} time",
-            "states + next states of one iteration; log-probs recompute exactly",
+            f"{_mb(state_bytes)}, {_s(f32_s)}",
+            f"{_mb(state_bf16)}, {_s(bf16_s)}",
+            f"{_x(state_bytes / state_bf16)} memory, {_x(f32_s / bf16_s)} time",
+            "states + next states of one iteration; time of alternating iterations of one fit",
         ]
     )
     window = ctx.runs["grpo_window"].rollout_bytes
@@ -431,47 +517,42 @@ def optimisations(ctx: Context) -> Section:
             "float32 states + next states",
         ]
     )
-    res["storage"] = {
-        "fp32": state_bytes,
-        "bf16": state_bf16,
-        "window": window_bytes,
-        "bf16_time_s": bf16.iteration_s,
-    }
-    # scoring overlapped with the reward-independent work (NFT: old/reference velocities)
-    log("optimisations: overlapped scoring")
-    nft_mod = {**ctx.base, "loss": "nft", "nft_train_timesteps": max(a.nft_draws)}
-    overlapped = {}
-    for flag in (False, True):
-        overlapped[flag] = run_iterations(
-            policy,
-            chains,
-            a.chains,
-            {**nft_mod, "overlap_scoring": flag},
-            a.repeats,
-            a.warmup,
-            scorer=BrightnessScorer(delay_s=a.judge_delay),
-        )
-    prepare = ctx.runs[f"nft_d{max(a.nft_draws)}"].stat("perf/score_and_prepare_s")
+    res["storage"] = {"fp32": state_bytes, "window": window_bytes, "fp32_s": f32_s, "bf16_s": bf16_s}
+    log("optimisations: overlapped scoring (alternating iterations)")
+    largest = max(a.nft_draws)
+    overlap = run_iterations(
+        policy,
+        chains,
+        a.chains,
+        {**ctx.base, "loss": "nft", "nft_train_timesteps": largest},
+        a.repeats,
+        a.warmup,
+        scorer=BrightnessScorer(delay_s=a.judge_delay),
+        variants=["overlap_off", "overlap_on"],
+    ).split()
+    off, on = overlap["overlap_off"], overlap["overlap_on"]
+    prepare = off.stat("perf/score_and_prepare_s") - off.stat("perf/judge_wait_s")
     rows.append(
         [
-            f"judge ({a.judge_delay:.2f} s latency) overlapped with NFT's old/ref velocities",
-            _s(overlapped[False].iteration_s),
-            _s(overlapped[True].iteration_s),
-            _x(overlapped[False].iteration_s / overlapped[True].iteration_s),
-            f"saves {_s(overlapped[False].iteration_s - overlapped[True].iteration_s)}; bound min(latency, "
-            f"prepare = {_s(prepare)})",
+            f"judge ({a.judge_delay:.2f} s latency) overlapped with NFT's old/ref velocities (D = {largest})",
+            _s(off.iteration_s),
+            _s(on.iteration_s),
+            _x(off.iteration_s / on.iteration_s),
+            f"saves {_s(off.iteration_s - on.iteration_s)}; at most min(latency, prepare = {_s(prepare)})",
         ]
     )
-    res["overlap"] = {str(k): v.iteration_s for k, v in overlapped.items()}
+    res["overlap"] = {"off": off.walls, "on": on.walls, "prepare_s": prepare}
     return Section(
         "Optimisations (before -> after)",
-        "Each optimisation measured side by side in this run (same sizes as above).",
+        "Each optimisation measured side by side in this run, same sizes as above. Where one fit can switch the "
+        "setting between iterations (storage dtype, overlapped scoring, checkpointing, compiled forward), the two "
+        "variants alternate iteration by iteration and each side is the median of its iterations.",
         ["optimisation", "before", "after", "ratio", "what is measured"],
         rows,
     )
 
 
-def growth(ctx: Context) -> tuple[Section, Section, list[tuple[str, str, str, str, str]]]:
+def growth(ctx: Context) -> tuple[Section, list[str], list[str] | None]:
     a = ctx.args
     spec = asdict(ctx.spec)
     base = {**ctx.base, "loss": "grpo", "num_turns": a.turns}
@@ -483,126 +564,134 @@ def growth(ctx: Context) -> tuple[Section, Section, list[tuple[str, str, str, st
     for k in a.growth_turns:
         points.append(("K", k, {**base, "num_turns": k}))
     cache: dict[str, dict] = {}
-    measured: dict[str, list[tuple[int, float, float]]] = {"G": [], "T": [], "K": []}
+    measured: dict[str, list[tuple[int, float, float, int]]] = {"G": [], "T": [], "K": []}
     for axis, value, module in points:
         key = json.dumps(module, sort_keys=True)
         if key not in cache:
             log(f"growth: {axis} = {value} (fresh process)")
             job = WorkerJob(str(ctx.model_path), spec, a.chains, module, a.growth_repeats, 1, a.threads)
-            cache[key] = run_worker(job)
-        eager = cache[key]["eager"]
-        walls = [w + eager["gap"] for w in eager["walls"]]
-        measured[axis].append((value, statistics.median(walls), max(eager["peaks"])))
+            cache[key] = run_worker(job)["result"]
+        result = cache[key]
+        stored = sum(result["rollout_bytes"].values())
+        measured[axis].append((value, _median_wall(result), max(result["peaks"]), stored))
     fits = Section(
         "Cost growth (GRPO, full SDE)",
         f"One fresh process per point (B = {a.chains}; base G = {a.group}, T = {a.steps}, K = {a.turns}; one "
-        f"varies at a time); time = median of {a.growth_repeats} iterations after one warm-up; peak = resident-set "
-        "high-water mark above the iteration's starting RSS (`VmHWM` after a reset through "
-        "`/proc/self/clear_refs`, glibc mmapping every allocation above 64 KiB so freed tensors leave the RSS; torch "
-        "has no CPU allocator statistics). Lines are least-squares fits.",
-        ["axis", "points (value: time, peak)", "time slope", "time R^2", "peak slope", "peak R^2"],
+        f"varies at a time); time = median of {a.growth_repeats} iterations after one warm-up; peak = largest "
+        "resident-set high-water mark above the iteration's starting RSS (`VmHWM` after `malloc_trim(0)` and a reset "
+        "through `/proc/self/clear_refs`; torch has no CPU allocator statistics and `tracemalloc` does not see "
+        "tensors). Lines are least-squares fits.",
+        [
+            "axis",
+            "points (value: time, peak, stored rollout)",
+            "time slope (R^2)",
+            "peak slope (R^2)",
+            "stored slope (R^2)",
+        ],
     )
     ctx.results["growth"] = measured
     for axis, data in measured.items():
         if len(data) < 2:
             continue
-        xs = [float(v) for v, _, _ in data]
-        time_fit = fit_line(xs, [t for _, t, _ in data])
-        mem_fit = fit_line(xs, [p for _, _, p in data])
+        xs = [float(row[0]) for row in data]
+        time_fit = fit_line(xs, [row[1] for row in data])
+        mem_fit = fit_line(xs, [row[2] for row in data])
+        stored_fit = fit_line(xs, [row[3] for row in data])
         fits.rows.append(
             [
                 axis,
-                "; ".join(f"{v}: {_s(t)}, {_mb(p)}" for v, t, p in data),
-                f"{time_fit.slope:.3f} s per unit",
-                f"{time_fit.r2:.3f}",
-                f"{_mb(mem_fit.slope)} per unit",
-                f"{mem_fit.r2:.3f}",
+                "; ".join(f"{v}: {_s(t)}, {_mb(p)}, {_mb(b)}" for v, t, p, b in data),
+                f"{time_fit.slope:.3f} s ({time_fit.r2:.3f})",
+                f"{_mb(mem_fit.slope)} ({mem_fit.r2:.3f})",
+                f"{_mb(stored_fit.slope)} ({stored_fit.r2:.3f})",
             ]
         )
-        ctx.results.setdefault("fits", {})[axis] = {"time": asdict(time_fit), "peak": asdict(mem_fit)}
+        ctx.results.setdefault("fits", {})[axis] = {
+            "time": asdict(time_fit),
+            "peak": asdict(mem_fit),
+            "stored": asdict(stored_fit),
+        }
     if "G" in ctx.results.get("fits", {}):
-        per_traj = ctx.results["fits"]["G"]["peak"]["slope"] / a.chains
+        fit = ctx.results["fits"]["G"]
+        per_traj, stored_traj = fit["peak"]["slope"] / a.chains, fit["stored"]["slope"] / a.chains
         fits.notes.append(
-            f"Peak memory per trajectory (G slope / B): {_mb(per_traj)} at these sizes; the stored rollout alone is "
-            f"{_mb(ctx.runs['grpo'].rollout_bytes['states'] * 2 / (a.chains * a.group))} per trajectory (float32 states "
-            "+ next states). The previous iteration's rollout is still referenced (`FlowRLModule.last_rollout`) "
-            "while the next one is built, so it sits in the starting RSS, not in the peak above it."
+            f"Per trajectory (G slope / B): peak {_mb(per_traj)}, of which the stored rollout (float32 states, next "
+            f"states, latents, images, log-probs) is {_mb(stored_traj)}. The rest are activations of the update's "
+            f"micro-batches: all {a.chains * max(a.growth_group or [a.group])} trajectories fit in one forward batch "
+            f"of {a.forward_batch} here, so they grow with G; beyond the forward batch they stop growing, while the "
+            "stored rollout keeps growing linearly in G, T (full SDE) and K. Against T and K the peak is flat for that "
+            "reason (the update's activations dominate at these sizes) while the stored rollout is exactly linear."
         )
-    # gradient checkpointing at the base point
-    log("growth: gradient checkpointing (fresh process)")
-    gc_spec = {**spec, "gradient_checkpointing": True}
-    base_key = json.dumps({**base, "group_size": a.group}, sort_keys=True)
-    plain = cache.get(base_key) or run_worker(
+        fits.notes.append(
+            "The previous iteration's rollout stays referenced (`FlowRLModule.last_rollout`) while the next one is "
+            "built, so it sits in the starting RSS, not in the peak above it: during every iteration after the first "
+            "the process holds two rollouts (see the stored size at paper scale under the GPU projection)."
+        )
+    log("growth: gradient checkpointing (fresh process, alternating iterations)")
+    module = {**base, "group_size": a.group}
+    result = run_worker(
         WorkerJob(
             str(ctx.model_path),
             spec,
             a.chains,
-            {**base, "group_size": a.group},
+            module,
             a.growth_repeats,
             1,
             a.threads,
+            variants=["checkpointing_off", "checkpointing_on"],
         )
-    )
-    checkpointed = run_worker(
-        WorkerJob(
-            str(ctx.model_path),
-            gc_spec,
-            a.chains,
-            {**base, "group_size": a.group},
-            a.growth_repeats,
-            1,
-            a.threads,
-        )
-    )
-
-    def summary(result):
-        eager = result["eager"]
-        return statistics.median(w + eager["gap"] for w in eager["walls"]), max(eager["peaks"])
-
-    (t0, p0), (t1, p1) = summary(plain), summary(checkpointed)
-    ctx.results["gradient_checkpointing"] = {"off": [t0, p0], "on": [t1, p1]}
-    gc_row = (
+    )["result"]
+    gc = _split_worker(result)
+    (t0, p0) = _median_wall(gc["checkpointing_off"]), max(gc["checkpointing_off"]["peaks"])
+    (t1, p1) = _median_wall(gc["checkpointing_on"]), max(gc["checkpointing_on"]["peaks"])
+    ctx.results["gradient_checkpointing"] = gc
+    gc_row = [
         "gradient checkpointing (`KontextPolicy(gradient_checkpointing=True)`)",
         f"{_mb(p0)}, {_s(t0)}",
         f"{_mb(p1)}, {_s(t1)}",
-        f"{_x(p0 / max(p1, 1))} peak, {_x(t1 / t0)} time",
-        "iteration peak RSS above its start, and time (fresh processes)",
-    )
-    # torch.compile of the transformer forward
+        f"{_x(p0 / max(p1, 1))} lower peak, {_x(t1 / t0)} time",
+        "iteration peak RSS above its start and time, alternating iterations in a fresh process",
+    ]
     compile_row = None
     if not a.skip_compile:
-        log("optimisations: torch.compile (fresh process, compiles two graphs)")
+        log("optimisations: torch.compile (fresh process, compiles the no-grad and the training graph)")
         job = WorkerJob(
             str(ctx.model_path),
             spec,
             a.chains,
-            {**base, "group_size": a.group},
+            module,
             a.growth_repeats,
             1,
             a.threads,
-            True,
+            variants=["eager", "compiled"],
+            compile_transformer=True,
+            memory=False,
         )
-        result = run_worker(job, timeout=1800)
-        eager_s = statistics.median(w + result["eager"]["gap"] for w in result["eager"]["walls"])
-        compiled_s = statistics.median(w + result["compiled"]["gap"] for w in result["compiled"]["walls"])
-        iterations = job.warmup + 1 + job.iterations
-        compile_cost = result["compiled_total_s"] - iterations * compiled_s
+        with tempfile.TemporaryDirectory(prefix="mtflow-bench-inductor-") as cache:
+            # a fresh inductor cache: the compile cost is a cold compile, not a cache hit from an earlier run
+            fresh = {"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": str(Path(cache) / "triton")}
+            result = run_worker(job, timeout=1800, env=fresh)["result"]
+        split = _split_worker(result)
+        eager_s, compiled_s = _median_wall(split["eager"]), _median_wall(split["compiled"])
+        compile_cost = result["warmup_walls"][1] - statistics.median(split["compiled"]["walls"])
         saved = eager_s - compiled_s
         ctx.results["compile"] = {
-            "eager_s": eager_s,
-            "compiled_s": compiled_s,
-            "compile_cost_s": compile_cost,
+            "split": split,
+            "warmup_walls": result["warmup_walls"],
+            "cost_s": compile_cost,
         }
-        compile_row = (
-            "`torch.compile` of the transformer (inductor, CPU)",
+        compile_row = [
+            "`torch.compile` of the transformer forward (inductor, CPU)",
             _s(eager_s),
             _s(compiled_s),
             _x(eager_s / compiled_s),
-            f"steady iteration; one-off compile cost {_s(compile_cost)}, repaid after "
-            f"{compile_cost / saved:.0f} iterations"
+            (
+                f"steady iterations alternating in one process; one-off compile cost {_s(compile_cost)}, repaid "
+                f"after {compile_cost / saved:.0f} iterations"
+            )
             if saved > 0
-            else "no gain",
-        )
+            else "no gain on this CPU",
+        ]
     return fits, gc_row, compile_row
 
 
@@ -732,6 +821,17 @@ def projection(ctx: Context) -> list[Section]:
         else "Not modelled: FSDP all-gathers, elementwise kernels, host overhead.",
         "Judge placement: the 8 GPUs run it between rollout and update (time-shared); with a separate judge node "
         "and `overlap_scoring`, its time leaves the critical path except for GRPO's wait.",
+        "Stored rollout per GPU at this setting (`rollout_storage_bytes`): "
+        + ", ".join(
+            f"{label} {sum(rollout_storage_bytes(setting, loss, size).values()) / 2**20:,.0f} MiB"
+            for label, loss, size in (
+                ("full SDE fp32", "grpo", 4),
+                ("full SDE bf16", "grpo", 2),
+                ("window fp32", "grpo_window", 4),
+                ("NFT", "nft", 4),
+            )
+        )
+        + "; `FlowRLModule.last_rollout` keeps the previous one alive during the next iteration (twice this).",
     ]
     ctx.results["projection"] = {
         "analytic_forward": analytic,
@@ -795,7 +895,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--nft-draws", type=int, nargs="+", default=[1, 2, 4], help="NFT noised copies per turn")
     s.add_argument("--forward-batch", "-F", type=int, default=16, help="samples per network call")
     r = p.add_argument_group("measurement")
-    r.add_argument("--repeats", type=int, default=3, help="timed iterations per configuration")
+    r.add_argument("--rounds", type=int, default=3, help="passes through all loss configurations")
+    r.add_argument("--repeats", type=int, default=2, help="timed iterations per configuration and round")
     r.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     r.add_argument("--pass-repeats", type=int, default=5, help="timed calls per model pass")
     r.add_argument("--naive-repeats", type=int, default=2, help="timed naive iterations")
@@ -820,7 +921,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.chains, args.group, args.turns, args.steps, args.forward_batch = 1, 4, 2, 4, 4
-        args.repeats, args.pass_repeats, args.naive_repeats, args.batching_repeats = 1, 2, 1, 1
+        args.rounds, args.repeats, args.pass_repeats, args.naive_repeats, args.batching_repeats = (
+            1,
+            1,
+            2,
+            1,
+            1,
+        )
         args.nft_draws = [1, 2]
         args.growth_group, args.growth_steps, args.growth_turns = [2, 4], [], []
         args.growth_repeats, args.skip_compile, args.judge_delay = 1, True, 0.05
@@ -864,9 +971,9 @@ def main(argv: list[str] | None = None) -> dict:
     sections.append(naive_comparison(ctx))
     opt = optimisations(ctx)
     fits, gc_row, compile_row = growth(ctx)
-    opt.rows.append(list(gc_row))
+    opt.rows.append(gc_row)
     if compile_row:
-        opt.rows.append(list(compile_row))
+        opt.rows.append(compile_row)
     else:
         opt.notes.append("`torch.compile` skipped (`--skip-compile`).")
     sections += [opt, fits]

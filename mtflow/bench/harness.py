@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,18 +130,83 @@ def bench_chains(num_chains: int, num_turns: int, size: int = 32, seed: int = 0)
     return chains
 
 
+def _set_overlap(flag: bool):
+    def apply(module) -> None:
+        module.hparams.overlap_scoring = flag
+
+    return apply
+
+
+def _set_store(dtype: str):
+    def apply(module) -> None:
+        module.rollout_config = replace(module.rollout_config, store_dtype=dtype)
+
+    return apply
+
+
+def _set_checkpointing(flag: bool):
+    def apply(module) -> None:
+        transformer = module.policy.transformer
+        if flag:
+            transformer.enable_gradient_checkpointing()
+        else:
+            transformer.disable_gradient_checkpointing()
+
+    return apply
+
+
+def _set_compiled(flag: bool):
+    # ``nn.Module.compile()`` keeps the compiled callable in ``_compiled_call_impl``; parking it elsewhere and
+    # putting it back switches between eager and compiled forwards without recompiling.
+    def apply(module) -> None:
+        transformer = module.policy.transformer
+        compiled = getattr(transformer, "_mtflow_bench_compiled", None)
+        if compiled is None:
+            raise RuntimeError("the 'eager'/'compiled' variants need transformer.compile() first")
+        transformer._compiled_call_impl = compiled if flag else None
+
+    return apply
+
+
+VARIANTS: dict[str, Callable[[Any], None]] = {
+    "overlap_off": _set_overlap(False),
+    "overlap_on": _set_overlap(True),
+    "store_float32": _set_store("float32"),
+    "store_bfloat16": _set_store("bfloat16"),
+    "checkpointing_off": _set_checkpointing(False),
+    "checkpointing_on": _set_checkpointing(True),
+    "eager": _set_compiled(False),
+    "compiled": _set_compiled(True),
+}
+"""Settings the benchmark flips between iterations of one fit, so that two variants are timed side by side (same
+process, same warm caches, interleaved so that load from other jobs hits both alike)."""
+
+
+def compile_transformer(policy) -> None:
+    """``torch.compile`` the transformer's forward in place and keep the compiled callable for the variants."""
+    policy.transformer.compile()
+    policy.transformer._mtflow_bench_compiled = policy.transformer._compiled_call_impl
+
+
 class IterationRecorder(L.Callback):
     """Per training batch: wall time (batch start to end), the gap before the next batch starts, the module's
-    ``perf/*`` stats, optionally the peak RSS above the level at batch start and the network calls made.
+    ``perf/*`` stats, optionally the peak RSS above the level at batch start and the network calls made. With
+    ``variants``, batch i first applies ``VARIANTS[variants[i % len(variants)]]`` to the module.
 
     Args:
         memory: record peak RSS per iteration (``timing.PeakProbe``).
         count: record network calls (transformer by grad mode and adapter, VAE, text encoders, judge, optimiser).
+        variants: names of ``VARIANTS`` to cycle through, one per iteration.
     """
 
-    def __init__(self, memory: bool = False, count: bool = False) -> None:
+    def __init__(self, memory: bool = False, count: bool = False, variants: list[str] | None = None) -> None:
+        unknown = [v for v in variants or [] if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown benchmark variants {unknown}; known: {sorted(VARIANTS)}")
         self.memory = memory
         self.count = count
+        self.variants = list(variants or [])
+        self.applied: list[str] = []
         self.walls: list[float] = []
         self.gaps: list[float] = []
         self.stats: list[dict[str, float]] = []
@@ -152,6 +219,7 @@ class IterationRecorder(L.Callback):
         self._log = None
         self._transformer_calls: list[tuple[str, int]] = []
         self._hook = None
+        self._variant = ""
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if not self.count:
@@ -160,24 +228,20 @@ class IterationRecorder(L.Callback):
         layer = policy._lora_layers()[0]
 
         def record(_module, _args, kwargs):
-            if layer._disable_adapters:
-                adapter = "none"
-            else:
-                adapter = layer._active_adapter[0]
+            adapter = "none" if layer._disable_adapters else layer._active_adapter[0]
             mode = "grad" if torch.is_grad_enabled() else "no_grad"
             self._transformer_calls.append(
                 (f"transformer/{mode}/{adapter}", kwargs["hidden_states"].shape[0])
             )
 
         self._hook = policy.transformer.register_forward_pre_hook(record, with_kwargs=True)
-        optimizer = trainer.optimizers[0]
         self._counter = count_calls(
             {
                 "text_encode": (policy._pipeline, "encode_prompt"),
                 "vae_encode": (policy.vae, "encode"),
                 "vae_decode": (policy.vae, "decode"),
                 "judge": (pl_module.scorer, "score"),
-                "optimizer_step": (optimizer, "step"),
+                "optimizer_step": (trainer.optimizers[0], "step"),
             }
         )
         self._log = self._counter.__enter__()
@@ -194,6 +258,10 @@ class IterationRecorder(L.Callback):
         now = time.perf_counter()
         if self._ended is not None:
             self.gaps.append(now - self._ended)
+        if self.variants:
+            # (Lightning also calls this hook for the batch the module refuses once max_iterations is reached)
+            self._variant = self.variants[len(self.walls) % len(self.variants)]
+            VARIANTS[self._variant](pl_module)
         if self._log is not None:
             for calls in self._log.calls.values():
                 calls.clear()
@@ -205,6 +273,8 @@ class IterationRecorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._ended = time.perf_counter()
         self.walls.append(self._ended - self._started)
+        if self.variants:
+            self.applied.append(self._variant)
         if self.memory:
             self.peaks.append(self._probe.stop())
         self.stats.append(
@@ -230,6 +300,8 @@ class RunResult:
         peaks: peak RSS above the level at iteration start, bytes (empty unless measured).
         calls: network calls of the last timed iteration (empty unless counted).
         rollout_bytes: bytes of the last rollout's stored tensors (states, next states, log-probs, latents).
+        variants: the variant applied before each timed iteration (empty without variants).
+        warmup_walls: seconds of the warm-up iterations.
     """
 
     walls: list[float]
@@ -238,18 +310,49 @@ class RunResult:
     peaks: list[int] = field(default_factory=list)
     calls: dict[str, dict[int, int]] = field(default_factory=dict)
     rollout_bytes: dict[str, int] = field(default_factory=dict)
+    variants: list[str] = field(default_factory=list)
+    warmup_walls: list[float] = field(default_factory=list)
 
     @property
     def iteration_s(self) -> float:
         """Median wall time of one iteration including Lightning's between-batch work."""
-        import statistics
-
         return statistics.median(self.walls) + self.gap
 
-    def stat(self, key: str) -> float:
-        import statistics
+    @property
+    def peak(self) -> int:
+        """Largest per-iteration peak."""
+        return max(self.peaks)
 
+    def stat(self, key: str) -> float:
         return statistics.median(s[key] for s in self.stats if key in s)
+
+    def split(self) -> dict[str, RunResult]:
+        """One result per variant (iterations in the order they ran)."""
+        out: dict[str, RunResult] = {}
+        for name in dict.fromkeys(self.variants):
+            rows = [i for i, v in enumerate(self.variants) if v == name]
+            out[name] = RunResult(
+                walls=[self.walls[i] for i in rows],
+                gap=self.gap,
+                stats=[self.stats[i] for i in rows],
+                peaks=[self.peaks[i] for i in rows] if self.peaks else [],
+                variants=[name] * len(rows),
+            )
+        return out
+
+    @staticmethod
+    def merge(results: list[RunResult]) -> RunResult:
+        """Pool the iterations of several runs of the same configuration."""
+        return RunResult(
+            walls=[w for r in results for w in r.walls],
+            gap=statistics.median(r.gap for r in results),
+            stats=[s for r in results for s in r.stats],
+            peaks=[p for r in results for p in r.peaks],
+            calls=next((r.calls for r in results if r.calls), {}),
+            rollout_bytes=results[-1].rollout_bytes,
+            variants=[v for r in results for v in r.variants],
+            warmup_walls=[w for r in results for w in r.warmup_walls],
+        )
 
 
 def rollout_bytes(result) -> dict[str, int]:
@@ -271,19 +374,23 @@ def run_iterations(
     scorer=None,
     memory: bool = False,
     count: bool = False,
+    variants: list[str] | None = None,
 ) -> RunResult:
     """Fit ``FlowRLModule(policy, scorer, **module)`` for ``warmup + iterations`` RL iterations of ``num_chains``
     chains each, in a Lightning ``Trainer`` configured like ``mtflow fit`` (CSV logs every step, no progress bar,
-    no checkpoints), and return the timings of the last ``iterations``."""
+    no checkpoints), and return the timings of the last ``iterations``. With ``variants`` (names of ``VARIANTS``),
+    ``warmup`` and ``iterations`` count per variant, and the variants alternate iteration by iteration."""
     from mtflow.testing.scorers import BrightnessScorer
     from mtflow.training.module import FlowRLModule
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     scorer = scorer or BrightnessScorer()
-    total = warmup + iterations
+    per_round = max(1, len(variants or []))
+    total = (warmup + iterations) * per_round
+    skip = warmup * per_round
     model = FlowRLModule(policy, scorer, max_iterations=total, **module)
-    recorder = IterationRecorder(memory=memory, count=count)
+    recorder = IterationRecorder(memory=memory, count=count, variants=variants)
     with tempfile.TemporaryDirectory(prefix="mtflow-bench-") as root, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = L.Trainer(
@@ -300,14 +407,16 @@ def run_iterations(
         trainer.fit(model, train_dataloaders=ChainBatches(chains, num_chains, shuffle=False))
     if model.iteration != total:
         raise RuntimeError(f"the benchmark fit ran {model.iteration} iterations, expected {total}")
-    gaps = recorder.gaps[warmup:] or recorder.gaps or [0.0]
+    gaps = recorder.gaps[skip:] or recorder.gaps or [0.0]
     result = RunResult(
-        walls=recorder.walls[warmup:],
+        walls=recorder.walls[skip:],
         gap=float(np.median(gaps)),
-        stats=recorder.stats[warmup:],
-        peaks=recorder.peaks[warmup:],
+        stats=recorder.stats[skip:],
+        peaks=recorder.peaks[skip:],
         calls=recorder.calls[-1] if recorder.calls else {},
         rollout_bytes=rollout_bytes(model.last_rollout) if model.last_rollout is not None else {},
+        variants=recorder.applied[skip:],
+        warmup_walls=recorder.walls[:skip],
     )
     model.last_rollout = None
     model.on_fit_end()
@@ -328,11 +437,13 @@ class WorkerJob:
         model_path: folder of the tiny pipeline.
         spec: the model spec (as a dict of ``ModelSpec`` fields).
         num_chains: B.
-        module: ``FlowRLModule`` keyword arguments.
-        iterations: timed iterations.
-        warmup: untimed iterations first.
+        module: ``FlowRLModule`` keyword arguments plus ``num_turns`` (K of the benchmark chains).
+        iterations: timed iterations (per variant).
+        warmup: untimed iterations first (per variant).
         threads: torch intra-op threads.
-        compile_transformer: after the eager run, ``transformer.compile()`` and run again (warm-up ``warmup + 1``).
+        variants: ``VARIANTS`` to alternate (empty: none).
+        compile_transformer: ``torch.compile`` the transformer first (for the "eager" / "compiled" variants).
+        memory: record the peak RSS of every iteration.
     """
 
     model_path: str
@@ -342,7 +453,9 @@ class WorkerJob:
     iterations: int = 2
     warmup: int = 1
     threads: int = 1
+    variants: list[str] = field(default_factory=list)
     compile_transformer: bool = False
+    memory: bool = True
 
 
 def run_job(job: WorkerJob) -> dict[str, Any]:
@@ -352,21 +465,20 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
     policy = load_policy(job.model_path, spec)
     turns = int(job.module.get("num_turns", 3))
     module = {k: v for k, v in job.module.items() if k != "num_turns"}
-    chains = bench_chains(2 * job.num_chains, turns, seed=1)
-    loaded_rss = _rss()
-    eager = run_iterations(policy, chains, job.num_chains, module, job.iterations, job.warmup, memory=True)
-    out: dict[str, Any] = {
-        "eager": asdict(eager),
-        "loaded_rss": loaded_rss,
-        "load_s": time.perf_counter() - started,
-    }
+    chains = bench_chains(2 * job.num_chains, turns, size=spec.resolution, seed=1)
     if job.compile_transformer:
-        compile_started = time.perf_counter()
-        policy.transformer.compile()
-        compiled = run_iterations(policy, chains, job.num_chains, module, job.iterations, job.warmup + 1)
-        out["compiled"] = asdict(compiled)
-        out["compiled_total_s"] = time.perf_counter() - compile_started
-    return out
+        compile_transformer(policy)
+    result = run_iterations(
+        policy,
+        chains,
+        job.num_chains,
+        module,
+        job.iterations,
+        job.warmup,
+        memory=job.memory,
+        variants=job.variants or None,
+    )
+    return {"result": asdict(result), "rss": _rss(), "total_s": time.perf_counter() - started}
 
 
 def _rss() -> int:
@@ -385,13 +497,12 @@ def main(argv: list[str] | None = None) -> None:
     print("MTFLOW_BENCH_RESULT " + json.dumps(result))
 
 
-def run_worker(job: WorkerJob, timeout: float = 900.0) -> dict[str, Any]:
-    """Run ``job`` in a fresh Python process with ``timing.memory_env()`` and return its JSON result."""
+def run_worker(job: WorkerJob, timeout: float = 900.0, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``job`` in a fresh Python process (``env`` added to this process's environment) and return its JSON
+    result."""
     import subprocess
 
-    from mtflow.bench.timing import memory_env
-
-    env = memory_env()
+    env = {**os.environ, **(env or {})}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     command = [sys.executable, "-m", "mtflow.bench.harness", json.dumps(asdict(job))]

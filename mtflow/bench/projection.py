@@ -286,6 +286,21 @@ class PaperSetting:
         return self.chains_per_gpu * self.group_size
 
 
+def rollout_storage_bytes(setting: PaperSetting, loss: str, bytes_per_value: int = 4) -> dict[str, int]:
+    """Bytes one GPU's ``Rollout`` holds at ``setting``: recorded states and next states (T steps for "grpo", W for
+    "grpo_window", none for "nft") at ``bytes_per_value``, float32 final and reference latents, uint8 images."""
+    n, k = setting.trajectories_per_gpu, setting.num_turns
+    latent = setting.target_tokens * 64  # packed tokens x 64 channels (16 latent channels, 2 x 2)
+    steps = {"grpo": setting.num_steps, "grpo_window": setting.window, "nft": 0}
+    if loss not in steps:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(steps)}")
+    return {
+        "states": 2 * n * k * steps[loss] * latent * bytes_per_value,
+        "latents": 2 * n * k * latent * 4,
+        "images": n * k * 3 * setting.image_side**2,
+    }
+
+
 @dataclass
 class IterationProjection:
     """Projected FLOPs and seconds of one iteration on one GPU (all GPUs work in parallel on their share).
