@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 EDIVAL_CSV = Path(
     os.environ.get(
         "MTFLOW_EDIVAL_CSV",
-        REPO.parent / "shared" / "data" / "edival" / "oai_instruction_generation_output.csv",
+        REPO / "tests" / "data" / "edival" / "oai_instruction_generation_output.csv",  # a verbatim copy
     )
 )
 needs_csv = pytest.mark.skipif(
