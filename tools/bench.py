@@ -15,7 +15,7 @@ One run measures, on real classes at tiny size, everything as ratios taken in th
 5. Cost growth with G, T and K (fresh process per point: time and peak RSS), with fitted lines.
 6. A GPU projection of the paper setting from FLOP counts (``mtflow.bench.projection``).
 
-    python tools/bench.py                        # default sizes, about 6 minutes on 2 shared cores
+    python tools/bench.py                        # default sizes, about 5 minutes on 2 shared cores
     python tools/bench.py --quick                # smoke run (well under a minute)
     python tools/bench.py --write BENCHMARKS.md  # also write the Markdown report with this command line
 """
