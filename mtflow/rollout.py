@@ -110,6 +110,35 @@ class Rollout:
         return uint8_to_pil(self.source_images[b])
 
 
+@dataclass
+class RolloutPreview:
+    """What logging keeps of a rollout after the update (the full ``Rollout`` is freed: at the paper setting it
+    holds hundreds of MB of states). R = number of rows kept.
+
+    Attributes:
+        num_trajectories: N of the rollout.
+        chain_ids: [R] chain of each row.
+        source_images: [R, 3, H, W] uint8, the source of each row's chain.
+        images: [R, K, 3, H, W] uint8, the row's outputs.
+    """
+
+    num_trajectories: int
+    chain_ids: list[str]
+    source_images: torch.Tensor
+    images: torch.Tensor
+
+    @classmethod
+    def from_rollout(cls, result: Rollout, rows: int = 8) -> RolloutPreview:
+        rows = min(rows, result.num_trajectories)
+        chains = [result.chain_of(n) for n in range(rows)]
+        return cls(
+            num_trajectories=result.num_trajectories,
+            chain_ids=[result.chains[b].chain_id for b in chains],
+            source_images=result.source_images[chains].cpu(),
+            images=result.images[:rows].cpu(),
+        )
+
+
 def uint8_to_pil(image: torch.Tensor) -> Image.Image:
     """[3, H, W] uint8 -> PIL RGB."""
     return Image.fromarray(image.permute(1, 2, 0).cpu().numpy(), mode="RGB")

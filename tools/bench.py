@@ -622,11 +622,6 @@ def growth(ctx: Context) -> tuple[Section, list[str], list[str] | None]:
             "stored rollout keeps growing linearly in G, T (full SDE) and K. Against T and K the peak is flat for that "
             "reason (the update's activations dominate at these sizes) while the stored rollout is exactly linear."
         )
-        fits.notes.append(
-            "The previous iteration's rollout stays referenced (`FlowRLModule.last_rollout`) while the next one is "
-            "built, so it sits in the starting RSS, not in the peak above it: during every iteration after the first "
-            "the process holds two rollouts (see the stored size at paper scale under the GPU projection)."
-        )
     log("growth: gradient checkpointing (fresh process, alternating iterations)")
     module = {**base, "group_size": a.group}
     result = run_worker(
@@ -770,28 +765,27 @@ def findings(ctx: Context) -> Section:
                 "`torch.compile` option for the transformer forward",
                 f"{_x(ratio)} per steady iteration on this CPU after a {res['compile']['cost_s']:.0f} s cold compile "
                 "(two graphs: no-grad rollout, training)",
-                "worth an opt-in `KontextPolicy(compile_transformer: bool = False)` that calls "
-                "`self.transformer.compile()` after `load()`; switching adapters (NFT: old, base, trained) adds "
-                "graphs, so measure on GPU before making it the default",
+                "applied as the opt-in `KontextPolicy(compile_transformer=True)` (compiled after FSDP sharding); "
+                "switching adapters (NFT: old, base, trained) adds graphs, so measure on GPU before making it the "
+                "default",
             ]
         )
     storage = res["projection"]["storage_mib"]
     rows.append(
         [
-            "`FlowRLModule.last_rollout` keeps the whole previous rollout during the next iteration",
-            f"one extra rollout resident: {storage['grpo_fp32']:,.0f} MiB per GPU at the paper setting (full SDE, "
-            "fp32 states)",
-            "keep only what the image logger reads (images, ids) in `last_rollout`, or drop the states/latents at the "
-            "end of `training_step`",
+            "the previous iteration's rollout kept for logging",
+            f"would be one extra rollout resident: {storage['grpo_fp32']:,.0f} MiB per GPU at the paper setting "
+            "(full SDE, fp32 states)",
+            "applied: `FlowRLModule.last_rollout` is a `RolloutPreview` (the first rows' uint8 images only), so one "
+            "rollout is resident at a time",
         ]
     )
     rows.append(
         [
             "host synchronisation inside the update loop",
             "not measurable on CPU (no asynchronous device)",
-            "`float(loss.detach())`, `_collect` (`float()` of every stat) and `float(weight.sum())` run per "
-            "micro-batch; on CUDA each one waits for the GPU. Accumulate stats as tensors and convert once per "
-            "optimiser step",
+            "applied: stats and losses stay device tensors until the end of the optimiser step (one finiteness "
+            "sync per step, one transfer of all stats per update); micro-batch weights are read from a host copy",
         ]
     )
     overhead = statistics.median(res["overhead"]["grpo"]["ratios"])
@@ -952,7 +946,7 @@ def projection(ctx: Context) -> list[Section]:
                 ("NFT", "nft", 4),
             )
         )
-        + "; `FlowRLModule.last_rollout` keeps the previous one alive during the next iteration (twice this).",
+        + ".",
     ]
     ctx.results["projection"] = {
         "storage_mib": {

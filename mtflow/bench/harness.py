@@ -390,6 +390,14 @@ def run_iterations(
     total = (warmup + iterations) * per_round
     skip = warmup * per_round
     model = FlowRLModule(policy, scorer, max_iterations=total, **module)
+    captured: dict[str, Any] = {}  # the module keeps only a small preview; the full rollout is measured here
+    rollout_chains = model.rollout_chains
+
+    def capture(chains_):
+        captured["last"] = rollout_chains(chains_)
+        return captured["last"]
+
+    model.rollout_chains = capture
     recorder = IterationRecorder(memory=memory, count=count, variants=variants)
     with tempfile.TemporaryDirectory(prefix="mtflow-bench-") as root, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -414,11 +422,11 @@ def run_iterations(
         stats=recorder.stats[skip:],
         peaks=recorder.peaks[skip:],
         calls=recorder.calls[-1] if recorder.calls else {},
-        rollout_bytes=rollout_bytes(model.last_rollout) if model.last_rollout is not None else {},
+        rollout_bytes=rollout_bytes(captured["last"]) if "last" in captured else {},
         variants=recorder.applied[skip:],
         warmup_walls=recorder.walls[:skip],
     )
-    model.last_rollout = None
+    captured.clear()
     model.on_fit_end()
     # the module leaves the policy in train mode after its update; T5's dropout would then perturb any later
     # text encoding outside the trainer

@@ -76,9 +76,8 @@ class RolloutImageLogger(L.Callback):
             return
         if pl_module.iteration % self.every_n_iterations:
             return
-        rows = min(self.max_rows, result.num_trajectories)
-        sources = torch.stack([result.source_images[result.chain_of(n)] for n in range(rows)])
-        grid = rollout_grid(sources, result.images[:rows])
+        rows = min(self.max_rows, result.images.shape[0])
+        grid = rollout_grid(result.source_images[:rows], result.images[:rows])
         if self.upscale > 1:
             grid = grid.resize((grid.width * self.upscale, grid.height * self.upscale), Image.NEAREST)
         folder.mkdir(parents=True, exist_ok=True)

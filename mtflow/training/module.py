@@ -32,7 +32,14 @@ from mtflow.kernels import grpo_loss, nft_loss
 from mtflow.losses import GRPOConfig, NFTConfig, ema_update_, old_adapter_decay, soft_update_
 from mtflow.models.kontext import KontextPolicy
 from mtflow.reward.base import ScoreBatch, Scorer, ScoringItem
-from mtflow.rollout import Rollout, RolloutConfig, recompute_transition, rollout, transition_batches
+from mtflow.rollout import (
+    Rollout,
+    RolloutConfig,
+    RolloutPreview,
+    recompute_transition,
+    rollout,
+    transition_batches,
+)
 from mtflow.sampling import stochastic_steps
 
 log = logging.getLogger(__name__)
@@ -83,7 +90,7 @@ class FlowRLModule(L.LightningModule):
         beta_kl: float = 0.0,
         nft_beta: float = 1.0,
         nft_beta_ref: float = 1e-4,
-        nft_train_timesteps: int = 4,
+        nft_train_timesteps: int = 1,
         nft_stochastic_rollout: bool = False,
         old_adapter_rate: float = 0.001,
         old_adapter_max_decay: float = 0.5,
@@ -127,7 +134,9 @@ class FlowRLModule(L.LightningModule):
             beta_kl: GRPO KL weight to the frozen base (Gaussian-mean KL with the Delta factor).
             nft_beta: NFT beta (distance of the implicit positive/negative policies).
             nft_beta_ref: NFT weight of the squared velocity distance to the frozen base.
-            nft_train_timesteps: NFT noised copies per turn output (grid timesteps drawn without replacement).
+            nft_train_timesteps: NFT noised copies D per turn output (grid timesteps drawn without replacement);
+                each costs an old, a reference and a trained forward: D = 1 keeps NFT >= 2x cheaper than full-SDE
+                GRPO per iteration (BENCHMARKS.md), larger D learns more per rollout.
             nft_stochastic_rollout: NFT rolls out with the SDE instead of the ODE.
             old_adapter_rate: NFT old-adapter decay eta = min(rate * iteration, max).
             old_adapter_max_decay: cap of eta.
@@ -189,7 +198,7 @@ class FlowRLModule(L.LightningModule):
             raise ValueError(f"updates_per_rollout must be >= 1, got {updates_per_rollout}")
         self.iteration = 0
         self.nonfinite_streak = 0
-        self.last_rollout: Rollout | None = None
+        self.last_rollout: RolloutPreview | None = None  # the first rows' images, for logging
         self.last_scores: ScoreBatch | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._eval: dict[str, ConditionScores] = {}
@@ -216,6 +225,7 @@ class FlowRLModule(L.LightningModule):
             from mtflow.training.distributed import shard_policy
 
             shard_policy(self.policy, self.device_mesh)
+        self.policy.compile()  # no-op unless policy.compile_transformer
 
     def configure_optimizers(self):
         params = self.policy.adapter_parameters(TRAINED)
@@ -238,7 +248,7 @@ class FlowRLModule(L.LightningModule):
         if isinstance(batch, ChainBatch):
             batch.mark_consumed()
         self.iteration += 1
-        self.last_rollout, self.last_scores = result, scores
+        self.last_rollout, self.last_scores = RolloutPreview.from_rollout(result), scores
         elapsed = time.perf_counter() - started
         stats = {
             **result.stats,
@@ -389,13 +399,14 @@ class FlowRLModule(L.LightningModule):
     ) -> dict[str, float]:
         advantages = adv.advantages.reshape(result.num_trajectories, result.num_turns)
         weights = adv.valid.reshape(result.num_trajectories, result.num_turns).float()
+        host_weights = weights.cpu()  # one device sync; the micro-batch shares below are host arithmetic
         batches = transition_batches(result, self.rollout_config.forward_batch_size)
         steps = sorted({(b.turn, b.step) for b in batches})
-        collected: dict[str, list[float]] = {}
+        collected: dict[str, list[torch.Tensor]] = {}
         for chunk in self._update_chunks(steps):
             chosen = set(chunk)
             micro = [b for b in batches if (b.turn, b.step) in chosen]
-            total_weight = sum(float(weights[b.trajectories, b.turn].sum()) for b in micro)
+            total_weight = sum(float(host_weights[b.trajectories, b.turn].sum()) for b in micro)
             losses = []
             for batch in micro:
                 log_prob, mean, std, _ = recompute_transition(
@@ -415,9 +426,13 @@ class FlowRLModule(L.LightningModule):
                     backend=self.hparams.kernels,
                 )
                 # Each micro-batch loss is a weighted mean; rescale so the step sees the chunk's weighted mean.
-                share = float(weight.sum()) / total_weight if total_weight > 0 else 0.0
+                share = (
+                    float(host_weights[batch.trajectories, batch.turn].sum()) / total_weight
+                    if total_weight
+                    else 0.0
+                )
                 self.manual_backward(loss * share)
-                losses.append(float(loss.detach()))
+                losses.append(loss.detach())
                 _collect(collected, stats)
             self._optimizer_step(losses)
         return _mean_stats(collected)
@@ -472,16 +487,20 @@ class FlowRLModule(L.LightningModule):
         size = self.rollout_config.forward_batch_size
         draws = samples.x_t.shape[0] // (result.num_trajectories * result.num_turns)
         draw_of = torch.arange(samples.x_t.shape[0], device=samples.x_t.device) % draws  # layout (n, k, d)
-        sample_weights = weights[samples.trajectory, samples.turn]
-        collected: dict[str, list[float]] = {}
+        sample_weights = weights[
+            samples.trajectory, samples.turn
+        ].cpu()  # one sync; shares are host arithmetic
+        collected: dict[str, list[torch.Tensor]] = {}
         # Optimiser steps are split by draw index (as GRPO splits by timestep), so a step's samples do not depend
         # on how chains are spread over ranks.
         for chunk in self._update_chunks(list(range(draws))):
             rows = torch.nonzero(torch.isin(draw_of, torch.tensor(chunk, device=draw_of.device))).flatten()
-            total_weight = float(sample_weights[rows].sum())
+            host_rows = rows.cpu()
+            total_weight = float(sample_weights[host_rows].sum())
             losses = []
             for start in range(0, rows.numel(), size):
                 idx = rows[start : start + size]
+                host_idx = host_rows[start : start + size]
                 n, k = samples.trajectory[idx], samples.turn[idx]
                 v_theta = self.policy.velocity(
                     samples.x_t[idx],
@@ -503,9 +522,9 @@ class FlowRLModule(L.LightningModule):
                     weight=weight,
                     backend=self.hparams.kernels,
                 )
-                share = float(weight.sum()) / total_weight if total_weight > 0 else 0.0
+                share = float(sample_weights[host_idx].sum()) / total_weight if total_weight > 0 else 0.0
                 self.manual_backward(loss * share)
-                losses.append(float(loss.detach()))
+                losses.append(loss.detach())
                 _collect(collected, stats)
             self._optimizer_step(losses)
         stats = _mean_stats(collected)
@@ -513,11 +532,11 @@ class FlowRLModule(L.LightningModule):
         return stats
 
     # ================================================================== optimiser plumbing
-    def _optimizer_step(self, losses: list[float]) -> None:
+    def _optimizer_step(self, losses: list[torch.Tensor]) -> None:
         """Clip and step, unless some rank saw a non-finite loss or gradient: then skip on every rank."""
         optimizer = self.optimizers()
         params = self.policy.adapter_parameters(TRAINED)
-        finite = all(math.isfinite(v) for v in losses)
+        finite = bool(torch.isfinite(torch.stack(losses)).all())  # one host sync per optimiser step
         grad_norm = torch.zeros((), device=self.device)
         if finite:
             max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
@@ -724,17 +743,22 @@ def _batch_key(batch) -> tuple[int, int, int]:
     return (batch.turn, batch.step, batch.trajectories.start)
 
 
-def _collect(collected: dict[str, list[float]], stats: dict[str, torch.Tensor]) -> None:
+def _collect(collected: dict[str, list[torch.Tensor]], stats: dict[str, torch.Tensor]) -> None:
+    """Keep the micro-batch stats as detached tensors (no host sync per micro-batch on GPUs)."""
     for key, value in stats.items():
-        collected.setdefault(key, []).append(float(value))
+        collected.setdefault(key, []).append(torch.as_tensor(value).detach().float().reshape(()))
 
 
-def _mean_stats(collected: dict[str, list[float]]) -> dict[str, float]:
-    out = {}
-    for key, values in collected.items():
-        finite = [v for v in values if math.isfinite(v)]
-        out[key] = sum(finite) / len(finite) if finite else float("nan")
-    return out
+def _mean_stats(collected: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Mean of each stat over micro-batches, ignoring NaN entries (one host transfer for all stats)."""
+    if not collected:
+        return {}
+    keys = list(collected)
+    values = torch.stack([torch.stack(collected[k]) for k in keys]).double().cpu()  # [num_keys, num_micro]
+    finite = torch.isfinite(values)
+    counts = finite.sum(dim=1)
+    sums = torch.where(finite, values, torch.zeros_like(values)).sum(dim=1)
+    return {k: (float(sums[i] / counts[i]) if counts[i] > 0 else float("nan")) for i, k in enumerate(keys)}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
