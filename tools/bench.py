@@ -745,12 +745,21 @@ def summary(ctx: Context) -> Section:
         ["target", "wanted", "measured", "verdict"],
         rows,
         [
-            "NFT's cost grows with its noised copies per turn D (`nft_train_timesteps`, mtflow's default 4): each "
+            f"NFT's cost grows with its noised copies per turn D (`nft_train_timesteps`, mtflow's default "
+            f"{_default_nft_copies()}): each "
             "copy costs an old-adapter forward, a reference forward (beta_ref > 0) and a trained forward+backward. "
             f"Here NFT is >= 2x cheaper than full-SDE GRPO for D in {nft_ok or 'no tested value'}; see the GPU "
             "projection for the same comparison at 512 px.",
         ],
     )
+
+
+def _default_nft_copies() -> int:
+    import inspect
+
+    from mtflow.training.module import FlowRLModule
+
+    return inspect.signature(FlowRLModule.__init__).parameters["nft_train_timesteps"].default
 
 
 def findings(ctx: Context) -> Section:
