@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mtflow.dtypes import DTYPES
 from mtflow.models.base import TextEmbeddings
 from mtflow.sampling import TimestepGrid, build_timestep_grid
 
 TRAINED_ADAPTER = "default"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_LORA_TARGETS = (
     "to_q",
     "to_k",

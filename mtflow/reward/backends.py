@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from mtflow.dtypes import DTYPES
 from mtflow.reward.prompts import JudgePrompt
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,6 @@ def to_chat_messages(prompt: JudgePrompt) -> list[dict[str, Any]]:
     return [{"role": "system", "content": prompt.system}, {"role": "user", "content": user}]
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class TransformersBackend(JudgeBackend):
     """In-process Qwen3-VL (or any ``AutoModelForImageTextToText`` with a chat-template processor)."""
 
@@ -133,7 +131,7 @@ class TransformersBackend(JudgeBackend):
                 "longest_edge": max_pixels,
             }
         self.processor.tokenizer.padding_side = "left"
-        kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
+        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         self.model = AutoModelForImageTextToText.from_pretrained(model, **kwargs).to(self.device).eval()

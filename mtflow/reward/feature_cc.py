@@ -15,13 +15,12 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from mtflow.dtypes import DTYPES
 from mtflow.reward.base import ScoringItem
 from mtflow.reward.judge import TurnScorer, TurnScores
 from mtflow.reward.wire import check_same_turns
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def similarity_to_score(cosine: torch.Tensor) -> torch.Tensor:
@@ -60,7 +59,7 @@ class FeatureSimilarityCC(TurnScorer):
         self.pooling = pooling
         self.batch_size = batch_size
         self.processor = AutoImageProcessor.from_pretrained(model)
-        self.model = AutoModel.from_pretrained(model, dtype=_DTYPES[dtype]).to(self.device).eval()
+        self.model = AutoModel.from_pretrained(model, dtype=DTYPES[dtype]).to(self.device).eval()
 
     def describe(self) -> dict[str, Any]:
         return {"scorer": "FeatureSimilarityCC", "model": self.model_name, "reference": self.reference}
