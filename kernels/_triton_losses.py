@@ -1,7 +1,7 @@
 """Triton kernels of the per-element loss terms (imported lazily: only when the Triton backend runs).
 
 Row kernels use the grid (N, cdiv(D, BLOCK)) and write per-(row, block) partial sums that the caller reduces with
-a fixed-order torch sum (deterministic, no atomics). All arithmetic is float32.
+a fixed-order torch sum (deterministic, no atomics; see _triton_common). All arithmetic is float32.
 """
 
 from __future__ import annotations
@@ -9,18 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _block_sum(values):
-    # tl.reduce with a local combine function instead of tl.sum: tl.sum is a @triton.jit function of triton's own
-    # library, and when triton was imported before TRITON_INTERPRET=1 was set (diffusers imports it), the
-    # interpreter cannot call it. On GPU the two compile to the same reduction.
-    return tl.reduce(values, 0, _add)
+from ._triton_common import block_sum
 
 
 @triton.jit
@@ -100,15 +89,15 @@ def nft_forward_kernel(
     old_diff = tl.where(mask, v - v_old, 0.0)
     out = partial_ptr + row * NUM_BLOCKS + block
     stride = N * NUM_BLOCKS
-    tl.store(out, _block_sum(error_pos * error_pos))
-    tl.store(out + stride, _block_sum(tl.abs(error_pos)))
-    tl.store(out + 2 * stride, _block_sum(error_neg * error_neg))
-    tl.store(out + 3 * stride, _block_sum(tl.abs(error_neg)))
+    tl.store(out, block_sum(error_pos * error_pos))
+    tl.store(out + stride, block_sum(tl.abs(error_pos)))
+    tl.store(out + 2 * stride, block_sum(error_neg * error_neg))
+    tl.store(out + 3 * stride, block_sum(tl.abs(error_neg)))
     if HAS_REF:
         v_ref = tl.load(v_ref_ptr + pointers, mask=mask, other=0.0).to(tl.float32)
         ref_diff = tl.where(mask, v - v_ref, 0.0)
-        tl.store(out + 4 * stride, _block_sum(ref_diff * ref_diff))
-    tl.store(out + 5 * stride, _block_sum(old_diff * old_diff))
+        tl.store(out + 4 * stride, block_sum(ref_diff * ref_diff))
+    tl.store(out + 5 * stride, block_sum(old_diff * old_diff))
 
 
 @triton.jit
@@ -160,7 +149,7 @@ def kl_forward_kernel(mean_ptr, ref_ptr, partial_ptr, D, NUM_BLOCKS, BLOCK: tl.c
     diff = tl.load(mean_ptr + pointers, mask=mask, other=0.0).to(tl.float32) - tl.load(
         ref_ptr + pointers, mask=mask, other=0.0
     ).to(tl.float32)
-    tl.store(partial_ptr + row * NUM_BLOCKS + block, _block_sum(diff * diff))
+    tl.store(partial_ptr + row * NUM_BLOCKS + block, block_sum(diff * diff))
 
 
 @triton.jit

@@ -1,8 +1,7 @@
 """Triton kernels of the SDE step (imported lazily: only when the Triton backend runs).
 
 Layout: every per-sample tensor is a contiguous [N, D] row; the grid is (N, cdiv(D, BLOCK)); each program handles
-one block of one row, keeps all arithmetic in float32 and writes one partial sum per (row, block) that the caller
-reduces with a fixed-order torch sum (deterministic, no atomics).
+one block of one row and keeps all arithmetic in float32 (reductions: see _triton_common).
 """
 
 from __future__ import annotations
@@ -10,19 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _block_sum(values):
-    # tl.reduce with a local combine function instead of tl.sum: tl.sum is a @triton.jit function of triton's own
-    # library, and when triton was imported before TRITON_INTERPRET=1 was set (diffusers imports it), the
-    # interpreter cannot call it. On GPU the two compile to the same reduction.
-    return tl.reduce(values, 0, _add)
-
+from ._triton_common import block_size, block_sum, launch_grid  # noqa: F401  (re-exported for sde.py)
 
 ROUND_NONE = 0
 ROUND_BF16 = 1
@@ -86,7 +73,7 @@ def sde_forward_kernel(
     if STORE_MEAN:
         tl.store(mean_ptr + pointers, mean, mask=mask)
     diff = tl.where(mask, x_next - mean, 0.0)
-    tl.store(partial_ptr + row * NUM_BLOCKS + block, _block_sum(diff * diff))
+    tl.store(partial_ptr + row * NUM_BLOCKS + block, block_sum(diff * diff))
 
 
 @triton.jit
@@ -124,12 +111,3 @@ def transition_backward_kernel(
         grad_mean += tl.load(grad_mean_ptr + pointers, mask=mask, other=0.0).to(tl.float32)
     grad_v = grad_mean * tl.load(mean_dv_ptr + row)
     tl.store(grad_v_ptr + pointers, grad_v.to(grad_v_ptr.dtype.element_ty), mask=mask)
-
-
-def launch_grid(num_rows: int, num_cols: int, block: int) -> tuple[int, int]:
-    return (num_rows, triton.cdiv(num_cols, block))
-
-
-def block_size(num_cols: int, max_block: int = 1024) -> int:
-    """A power of two covering ``num_cols`` up to ``max_block`` (at least 16, Triton's minimum useful width)."""
-    return max(16, min(max_block, triton.next_power_of_2(num_cols)))

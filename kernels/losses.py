@@ -27,7 +27,7 @@ def _kernels():
 
 
 def _row_launch(width: int) -> tuple[int, int]:
-    from ._triton_sde import block_size
+    from ._triton_common import block_size
 
     block = block_size(width)
     return block, -(-width // block)

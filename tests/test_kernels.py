@@ -23,12 +23,12 @@ def triton_interpreter():
     """Switch the interpreter on before the kernel modules are (re)defined, and check that it really is in use."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    from mtflow.kernels import _triton_losses, _triton_sde
+    from mtflow.kernels import _triton_common, _triton_losses, _triton_sde
     from triton.runtime.interpreter import InterpretedFunction
 
-    for module in (_triton_sde, _triton_losses):
+    for module in (_triton_common, _triton_sde, _triton_losses):  # common first: the others import from it
         importlib.reload(module)  # @triton.jit reads TRITON_INTERPRET when the kernel is defined
-    for kernel in (_triton_sde.sde_forward_kernel, _triton_sde._block_sum, _triton_losses.nft_forward_kernel):
+    for kernel in (_triton_sde.sde_forward_kernel, _triton_sde.block_sum, _triton_losses.nft_forward_kernel):
         assert isinstance(kernel, InterpretedFunction), kernel
     yield
     if previous is None:
