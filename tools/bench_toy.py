@@ -3,6 +3,7 @@ RL (GRPO: ``configs/toy.yaml``, NFT: ``configs/toy_nft.yaml``), mean and spread 
 
     python tools/bench_toy.py                         # 3 seeds x {grpo, nft}, runs under /tmp/mtflow_bench_toy
     python tools/bench_toy.py --seeds 0 --losses grpo --extra=--model.max_iterations=5
+    python tools/bench_toy.py --reuse                 # finish an interrupted benchmark, keep the finished runs
 
 Each run is ``mtflow fit`` in its own process (``--threads`` torch threads) with the seed set for the trainer
 (``--model.seed``, ``--seed_everything``) and the data order (``--data.init_args.seed``); the prior and after-RL
@@ -30,9 +31,17 @@ CONFIGS = {"grpo": REPO / "configs" / "toy.yaml", "nft": REPO / "configs" / "toy
 TARGET_POINTS = 10.0  # the issue's goal: turn-3 cumulative success at least this many points above the prior
 
 
-def run_fit(config: Path, root: Path, name: str, seed: int, threads: int, extra: list[str]) -> dict[str, Any]:
-    """One ``mtflow fit`` in a subprocess; returns the run folder, wall clock and its before/after report."""
+def run_fit(
+    config: Path, root: Path, name: str, seed: int, threads: int, extra: list[str], reuse: bool = False
+) -> dict[str, Any]:
+    """One ``mtflow fit`` in a subprocess; returns the run folder, wall clock and its before/after report.
+    With ``reuse``, a run whose report and wall clock are already on disk is read back instead of run again."""
     run = root / name / "version_0"
+    report_path, wall_path = run / "eval" / "before_after.json", root / f"{name}.wall_clock_s"
+    if reuse and report_path.is_file() and wall_path.is_file():
+        report = json.loads(report_path.read_text())
+        wall = float(wall_path.read_text())
+        return {"run": str(run), "wall_clock_s": wall, "before": report["before"], "after": report["after"]}
     code = f"import torch; torch.set_num_threads({threads}); from mtflow.cli import main; main()"
     command = [
         sys.executable,
@@ -59,7 +68,8 @@ def run_fit(config: Path, root: Path, name: str, seed: int, threads: int, extra:
     wall = time.perf_counter() - started
     if completed.returncode != 0:
         raise RuntimeError(f"{name}: mtflow fit failed with exit code {completed.returncode}; see {log_path}")
-    report = json.loads((run / "eval" / "before_after.json").read_text())
+    wall_path.write_text(f"{wall:.1f}")
+    report = json.loads(report_path.read_text())
     return {"run": str(run), "wall_clock_s": wall, "before": report["before"], "after": report["after"]}
 
 
@@ -83,12 +93,14 @@ def summarise(values: list[float]) -> tuple[float, float]:
 
 
 def rows_for(runs: list[dict[str, Any]], which: str) -> dict[str, list[float]]:
-    """Per seed: C_1..C_K, O_1..O_K, M_1 - M_K of ``which`` ("before" or "after")."""
+    """Per seed: C_1..C_K, CC_1..CC_K, O_1..O_K, M_1 - M_K of ``which`` ("before" or "after")."""
     out: dict[str, list[float]] = {}
     for run in runs:
         report = run[which]
         for k, v in enumerate(turn_values(report, "cumulative_success"), start=1):
             out.setdefault(f"C_{k}", []).append(v)
+        for k, v in enumerate(turn_values(report, "consistency"), start=1):
+            out.setdefault(f"CC_{k}", []).append(v)
         for k, v in enumerate(turn_values(report, "overall"), start=1):
             out.setdefault(f"O_{k}", []).append(v)
         out.setdefault("M_1-M_K", []).append(exposure_bias(report))
@@ -131,6 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (wall clock per run grows)")
     parser.add_argument("--extra", action="append", default=[], help="extra argument for every mtflow fit")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read finished runs under --root back instead of running them again",
+    )
     args = parser.parse_args(argv)
 
     jobs = [(loss, seed) for loss in args.losses for seed in args.seeds]
@@ -138,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def one(job: tuple[str, int]) -> dict[str, Any]:
         loss, seed = job
         name = f"{loss}_seed{seed}"
-        run = run_fit(CONFIGS[loss], args.root, name, seed, args.threads, args.extra)
+        run = run_fit(CONFIGS[loss], args.root, name, seed, args.threads, args.extra, args.reuse)
         run["seed"] = seed
         gain = target_check([run])[0]
         print(f"{name}: turn-K C {gain:+.1f} points, {run['wall_clock_s']:.0f} s", flush=True)
