@@ -116,6 +116,8 @@ def _with_default_config(argv: list[str]) -> list[str]:
 def _lightning_main(args: Sequence[str] | None) -> MtflowCLI:
     # Frozen encoders are in eval mode on purpose (T5 dropout must stay off); Lightning warns about it.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Lightning's own pytree helper calls a torch API torch now deprecates; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     return MtflowCLI(
         FlowRLModule,
         ChainDataModule,

@@ -121,7 +121,8 @@ class IterationCheckpoint(L.Callback):
             folder.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier()
         tmp = folder / "last.ckpt.tmp"
-        trainer.save_checkpoint(tmp)  # every rank takes part (FSDP gathers the adapters)
+        # every rank takes part (FSDP gathers the adapters); optimizer, loops and callbacks are needed to resume
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, folder / "last.ckpt")  # atomic: a crash never leaves a half-written last.ckpt
             if self.keep_every:
