@@ -135,7 +135,10 @@ def test_fit_prints_and_writes_the_before_after_heldout_table(tiny_kontext_path,
     table = (folder / "before_after.md").read_text()
     assert "O_k before" in table and "exposure bias" in table
     after_report = json.loads((folder / "report.json").read_text())  # the run-folder contract sweeps read
-    assert after_report["conditions"]["model"]["num_chains"] == data["after"]["conditions"]["model"]["num_chains"]
+    assert (
+        after_report["conditions"]["model"]["num_chains"]
+        == data["after"]["conditions"]["model"]["num_chains"]
+    )
     # "before" is the prior: LoRA B starts at 0, so it equals the base model evaluated independently
     base = KontextPolicy(
         str(tiny_kontext_path), dtype="float32", resolution=32, max_sequence_length=32, lora_rank=4

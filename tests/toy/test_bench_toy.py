@@ -58,7 +58,10 @@ def test_reuse_reads_finished_runs_and_checks_the_target_per_seed(bench_toy, tmp
     # C_3 after: mean 30, sample std of (32, 28) = 2.83; wall clock mean 200
     assert "| 30.0 ± 2.8 |" in rows["after grpo"] and rows["after grpo"].endswith("| 200 |")
     assert rows["prior"].startswith("| prior | 60.0 ± 0.0 | 40.0 ± 0.0 | 20.0 ± 0.0 | 90.0 ± 0.0")
-    assert json.loads((tmp_path / "bench_toy.json").read_text())["losses"]["grpo"]["turn_K_gain_points"] == [12, 8]
+    assert json.loads((tmp_path / "bench_toy.json").read_text())["losses"]["grpo"]["turn_K_gain_points"] == [
+        12,
+        8,
+    ]
     assert "NOT reached" in capsys.readouterr().out
 
 
