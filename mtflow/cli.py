@@ -21,11 +21,16 @@ from pathlib import Path
 from typing import Literal
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mtflow.data.module import ChainDataModule
-from mtflow.training.callbacks import HeldOutEvaluation, IterationCheckpoint, RolloutImageLogger, RunStatus
+from mtflow.training.callbacks import (
+    HeldOutEvaluation,
+    IterationCheckpoint,
+    IterationProgressBar,
+    RolloutImageLogger,
+    RunStatus,
+)
 from mtflow.training.module import FlowRLModule
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -100,8 +105,8 @@ class MtflowCLI(LightningCLI):
         has_bar = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
         if trainer.get("enable_progress_bar", True) is not False and not has_bar:
             self.trainer_defaults.setdefault("callbacks", [])
-            if not any(isinstance(c, RichProgressBar) for c in self.trainer_defaults["callbacks"]):
-                self.trainer_defaults["callbacks"].append(RichProgressBar(leave=True))
+            if not any(isinstance(c, IterationProgressBar) for c in self.trainer_defaults["callbacks"]):
+                self.trainer_defaults["callbacks"].append(IterationProgressBar(leave=True))
 
 
 def _with_default_config(argv: list[str]) -> list[str]:
@@ -171,5 +176,12 @@ def main(args: Sequence[str] | None = None) -> MtflowCLI | None:
     return _lightning_main(_with_default_config(argv))
 
 
-if __name__ == "__main__":
+def console_main() -> int:
+    """The ``mtflow`` console script: ``main`` with an exit status (``sys.exit(main())`` would print the returned
+    CLI object and exit 1 after a successful fit)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())

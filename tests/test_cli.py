@@ -4,6 +4,10 @@ subcommands, and bad manifests failing before any rollout."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
 
 import pytest
 import yaml
@@ -103,3 +107,34 @@ def test_bad_manifest_fails_before_training_with_line_numbers(tiny_kontext_path,
     message = str(error.value)
     assert "manifest.jsonl:2" in message and "manifest.jsonl:3" in message and "manifest.jsonl:4" in message
     assert not (tmp_path / "bad" / "version_0" / "metrics.csv").exists()  # nothing was rolled out
+
+
+def test_console_script_exits_zero_and_counts_progress_in_iterations(tiny_kontext_path, tmp_path):
+    """The installed ``mtflow`` script (a subprocess, as a user runs it): a successful fit exits 0 without printing
+    the CLI object, and the progress bar ends at max_iterations, not at the end of the epoch."""
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mtflow"]
+    assert script.value == "mtflow.cli:console_main"
+    manifest = write_random_manifest(tmp_path / "data", num_chains=8, num_turns=2)
+    config = tiny_fit_config(
+        tiny_kontext_path,
+        manifest,
+        tmp_path,
+        model={"max_iterations": 2},
+        trainer={"enable_progress_bar": True},
+        data={"batch_size": 1},
+        name="console",
+    )
+    path = write_config(config, tmp_path / "console.yaml")
+    code = "import sys; from mtflow.cli import console_main; sys.exit(console_main())"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "fit", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MtflowCLI object" not in done.stdout + done.stderr
+    assert "RL iterations" in done.stdout and "2/2" in done.stdout, done.stdout[-2000:]
+    assert "8/8" not in done.stdout  # the epoch's length is not the bar's length
