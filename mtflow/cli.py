@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +34,7 @@ from mtflow.training.callbacks import (
 )
 from mtflow.training.module import FlowRLModule
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO_CONFIGS = Path(str(resources.files("mtflow.configs")))  # configs/ of the checkout, or as installed
 DEFAULT_FIT_CONFIG = REPO_CONFIGS / "toy.yaml"
 
 

@@ -138,3 +138,31 @@ def test_console_script_exits_zero_and_counts_progress_in_iterations(tiny_kontex
     assert "MtflowCLI object" not in done.stdout + done.stderr
     assert "RL iterations" in done.stdout and "2/2" in done.stdout, done.stdout[-2000:]
     assert "8/8" not in done.stdout  # the epoch's length is not the bar's length
+
+
+def test_wheel_ships_the_default_config_kernels_and_toy_assets(tmp_path):
+    """A non-editable install has no checkout around it: the wheel itself must hold configs (``mtflow fit``'s
+    default), the remapped kernels package and the toy prior the default config names."""
+    import zipfile
+
+    repo = REPO_CONFIGS.parent
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "-q", "-w", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("mtflow-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in (
+        "mtflow/configs/toy.yaml",
+        "mtflow/configs/toy_nft.yaml",
+        "mtflow/configs/tiny/grpo.yaml",
+        "mtflow/configs/ablations/G8.yaml",
+        "mtflow/kernels/sde.py",
+        "mtflow/toy/assets/prior/transformer/diffusion_pytorch_model.safetensors",
+        "mtflow/toy/assets/vae/diffusion_pytorch_model.safetensors",
+    ):
+        assert name in names, name
+    assert not any(n.startswith(("tests/", "configs/", "kernels/")) for n in names)
