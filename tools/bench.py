@@ -818,6 +818,9 @@ def findings(ctx: Context) -> Section:
     )
 
 
+FLUX_HEAD_DIM = 128  # FLUX.1 attention head width (FluxArch counts FLOPs from the model width alone)
+
+
 def projection(ctx: Context) -> list[Section]:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -831,14 +834,14 @@ def projection(ctx: Context) -> list[Section]:
         warnings.simplefilter("ignore")
         transformer = FluxTransformer2DModel(
             patch_size=1,
-            in_channels=64,
-            num_layers=19,
-            num_single_layers=38,
-            attention_head_dim=128,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            pooled_projection_dim=768,
-            guidance_embeds=True,
+            in_channels=arch.in_channels,
+            num_layers=arch.double_blocks,
+            num_single_layers=arch.single_blocks,
+            attention_head_dim=FLUX_HEAD_DIM,
+            num_attention_heads=arch.hidden // FLUX_HEAD_DIM,
+            joint_attention_dim=arch.text_dim,
+            pooled_projection_dim=arch.pooled_dim,
+            guidance_embeds=arch.guidance_embed,
             axes_dims_rope=(16, 56, 56),
         )
         vae = AutoencoderKL(
@@ -855,9 +858,9 @@ def projection(ctx: Context) -> list[Section]:
         )
         image_tokens = setting.target_tokens + setting.reference_tokens
         inputs = {
-            "hidden_states": torch.empty(1, image_tokens, 64),
-            "encoder_hidden_states": torch.empty(1, setting.text_tokens, 4096),
-            "pooled_projections": torch.empty(1, 768),
+            "hidden_states": torch.empty(1, image_tokens, arch.in_channels),
+            "encoder_hidden_states": torch.empty(1, setting.text_tokens, arch.text_dim),
+            "pooled_projections": torch.empty(1, arch.pooled_dim),
             "timestep": torch.empty(1),
             "guidance": torch.empty(1),
             "txt_ids": torch.empty(setting.text_tokens, 3),
@@ -887,7 +890,8 @@ def projection(ctx: Context) -> list[Section]:
         modes.append(("nft", f"NFT D = {d}", PaperSetting(**{**asdict(setting), "nft_draws": d})))
     table = Section(
         "GPU projection: one paper-setting iteration on 8 x H100",
-        f"FLUX.1-Kontext-dev (19 double + 38 single blocks, hidden 3072, 24 heads; {arch.in_channels}-channel packed "
+        f"FLUX.1-Kontext-dev ({arch.double_blocks} double + {arch.single_blocks} single blocks, hidden {arch.hidden}, "
+        f"{arch.hidden // FLUX_HEAD_DIM} heads; {arch.in_channels}-channel packed "
         f"latents) at 512 px: {setting.target_tokens} target + {setting.reference_tokens} reference + "
         f"{setting.text_tokens} text tokens, LoRA r = {setting.lora_rank}. Per GPU: B = {setting.chains_per_gpu} chain "
         f"(the 8 GPUs hold {8 * setting.chains_per_gpu} chains = {8 * setting.trajectories_per_gpu} trajectories), G = "
