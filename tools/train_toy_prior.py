@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from mtflow.toy.prior import (
+    PRIOR_ASSET,
+    PRIOR_MAX_SEQUENCE_LENGTH,
     SHIPPED_PRIOR,
     SHIPPED_VAE,
     HeldOutSettings,
@@ -38,7 +40,6 @@ from mtflow.toy.prior import (
 )
 from mtflow.toy.world import ToyWorld
 
-MAX_SEQUENCE_LENGTH = 12  # the longest instruction of the default world is 9 words + </s>
 # Training pairs lean toward the edits that bind colour words to objects (the slowest to learn); background changes
 # are learned first and need fewer examples.
 DEFAULT_EDIT_TYPE_WEIGHTS = {
@@ -116,13 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.evaluate_only:
         record = train(args, world, pair_world, spec, config)
     if not args.no_eval:
-        reloaded = load_prior_policy(args.output, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        reloaded = load_prior_policy(args.output, max_sequence_length=PRIOR_MAX_SEQUENCE_LENGTH)
         settings = HeldOutSettings(
             num_pairs=args.eval_pairs, num_chains=args.eval_chains, num_steps=args.eval_steps
         )
         heldout = evaluate_prior(reloaded, world, settings)
-        heldout["pretrained"] = "mtflow-assets:toy/prior"
-        heldout["max_sequence_length"] = MAX_SEQUENCE_LENGTH
+        heldout["pretrained"] = PRIOR_ASSET
+        heldout["max_sequence_length"] = PRIOR_MAX_SEQUENCE_LENGTH
         heldout["world"] = world_args(world)
         heldout["test_subset"] = record_test_subset(reloaded, world, args.threads)
         write_json(heldout, args.output / "heldout.json")
@@ -138,7 +139,7 @@ def train(args, world: ToyWorld, pair_world: ToyWorld, spec: ToyPriorSpec, confi
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         save_toy_prior(build_toy_prior_components(world, spec, args.vae, seed=args.seed), Path(tmp) / "init")
-        policy = load_prior_policy(Path(tmp) / "init", max_sequence_length=MAX_SEQUENCE_LENGTH)
+        policy = load_prior_policy(Path(tmp) / "init", max_sequence_length=PRIOR_MAX_SEQUENCE_LENGTH)
     parameters = sum(p.numel() for p in policy.transformer.parameters())
 
     def checkpoint(step: int, loss: float) -> None:
@@ -156,7 +157,7 @@ def train(args, world: ToyWorld, pair_world: ToyWorld, spec: ToyPriorSpec, confi
         "world": world_args(world),
         "pair_edit_type_weights": pair_world.edit_type_weights,
         "spec": asdict(spec),
-        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "max_sequence_length": PRIOR_MAX_SEQUENCE_LENGTH,
         "transformer_parameters": parameters,
         "train": stats.to_dict(),
         "loss_every_100": [

@@ -19,6 +19,7 @@ few tens of thousands of scenes): the VAE encodes each scene once per run.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -40,6 +41,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 SHIPPED_VAE = ASSETS / "vae"
 SHIPPED_PRIOR = ASSETS / "prior"
 PRIOR_ASSET = "mtflow-assets:toy/prior"
+PRIOR_MAX_SEQUENCE_LENGTH = (
+    12  # T5 tokens the prior was trained with: the default world's longest instruction + </s>
+)
 
 
 # ====================================================================== building
@@ -118,21 +122,23 @@ def save_toy_prior(components: dict[str, Any], path: str | Path, transformer_dty
     """
     from diffusers import FluxKontextPipeline
 
-    path = Path(path)
-    pipe = FluxKontextPipeline(**components)
-    if transformer_dtype == "bfloat16":
-        pipe.transformer.to(torch.bfloat16)
-    elif transformer_dtype != "float32":
+    if transformer_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"transformer_dtype must be float32 or bfloat16, got {transformer_dtype!r}")
-    try:
-        pipe.save_pretrained(path, safe_serialization=True)
-    finally:
-        pipe.transformer.to(torch.float32)
+    path = Path(path)
+    transformer = components["transformer"]
+    if transformer_dtype == "bfloat16":  # a copy: casting the caller's model in place would round its weights
+        transformer = copy.deepcopy(transformer).to(torch.bfloat16)
+    FluxKontextPipeline(**{**components, "transformer": transformer}).save_pretrained(
+        path, safe_serialization=True
+    )
     return path
 
 
 def load_prior_policy(
-    pretrained: str | Path = PRIOR_ASSET, max_sequence_length: int = 16, resolution: int = 32, **kwargs: Any
+    pretrained: str | Path = PRIOR_ASSET,
+    max_sequence_length: int = PRIOR_MAX_SEQUENCE_LENGTH,
+    resolution: int = 32,
+    **kwargs: Any,
 ):
     """The prior as a bare (``lora_rank=0``) float32 ``KontextPolicy``, loaded."""
     from mtflow.models.kontext import KontextPolicy
@@ -431,6 +437,13 @@ def teacher_forced_chain(sample: ToyChainSample, turn: int) -> EditChain:
     return one.to_edit_chain()
 
 
+def _turn1_successes(scores, threshold: float) -> list[float | None]:
+    """Per row of ``scores`` (rows follow the evaluated chains' order): 1.0 / 0.0 whether turn 1 reached
+    ``threshold``, None where the judge could not score it."""
+    reached = (scores.instruction_following[:, 0] >= threshold).tolist()
+    return [float(r) if scored else None for r, scored in zip(reached, scores.scored[:, 0].tolist())]
+
+
 def evaluate_prior(
     policy,
     world: ToyWorld,
@@ -444,7 +457,6 @@ def evaluate_prior(
     Returns a JSON-ready dict (``settings`` included).
     """
     from mtflow.eval.evaluate import evaluate_chains
-    from mtflow.toy.data import ToyChainDataset
 
     settings = settings or HeldOutSettings()
     judge = judge or ToyJudge()
@@ -462,20 +474,15 @@ def evaluate_prior(
     started = time.perf_counter()
     pairs = pair_chains(world, settings.num_pairs)
     single, single_raw = evaluate_chains(policy, judge, pairs, **common)
-    single_scores = single_raw["model"].scores
-    order = {cid: row for row, cid in enumerate(single_raw["model"].chain_ids)}
     per_type: dict[str, list[float]] = {}
-    for chain in pairs:
-        row = order[chain.chain_id]
-        if bool(single_scores.scored[row, 0]):
-            per_type.setdefault(chain.edit_types[0], []).append(
-                float(single_scores.instruction_following[row, 0] >= settings.threshold)
-            )
+    for chain, success in zip(pairs, _turn1_successes(single_raw["model"].scores, settings.threshold)):
+        if success is not None:
+            per_type.setdefault(chain.edit_types[0], []).append(success)
     single_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    dataset = ToyChainDataset(world, split="heldout", num_chains=settings.num_chains)
-    chains = [dataset[i] for i in range(len(dataset))]
+    samples = [world.chain(i, "heldout") for i in range(settings.num_chains)]
+    chains = [sample.to_edit_chain() for sample in samples]
     multi, _ = evaluate_chains(policy, judge, chains, **common)
     metrics = multi.conditions["model"]
     type_counts = Counter(t for c in chains for t in c.edit_types)
@@ -484,18 +491,12 @@ def evaluate_prior(
     # The same turns from the ground-truth previous scene (teacher forcing): what each turn achieves when it does
     # not edit the model's own output. Own-output per-turn success below this is exposure bias + carried-over error.
     started = time.perf_counter()
-    samples = [world.chain(i, "heldout") for i in range(settings.num_chains)]
     forced = [teacher_forced_chain(sample, k) for k in range(world.num_turns) for sample in samples]
     forced_report, forced_raw = evaluate_chains(policy, judge, forced, **common)
-    forced_scores = forced_raw["model"].scores
-    forced_rows = {cid: row for row, cid in enumerate(forced_raw["model"].chain_ids)}
+    forced_successes = _turn1_successes(forced_raw["model"].scores, settings.threshold)
     teacher_forced = []
     for k in range(world.num_turns):
-        ok = [
-            float(forced_scores.instruction_following[forced_rows[c.chain_id], 0] >= settings.threshold)
-            for c in forced[k * len(samples) : (k + 1) * len(samples)]
-            if bool(forced_scores.scored[forced_rows[c.chain_id], 0])
-        ]
+        ok = [x for x in forced_successes[k * len(samples) : (k + 1) * len(samples)] if x is not None]
         teacher_forced.append(100.0 * float(np.mean(ok)) if ok else math.nan)
     return {
         "settings": asdict(settings),
