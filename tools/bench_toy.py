@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mtflow.toy.prior import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"grpo": REPO / "configs" / "toy.yaml", "nft": REPO / "configs" / "toy_nft.yaml"}
 TARGET_POINTS = 10.0  # the goal: turn-3 cumulative success at least this many points above the prior
@@ -187,10 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"(target +{TARGET_POINTS:.0f} on every seed: {'reached' if all(g >= TARGET_POINTS for g in gains) else 'NOT reached'}); "
             f"exposure bias M_1-M_K {[round(v, 1) for v in before]} -> {[round(v, 1) for v in after]}"
         )
-    args.root.mkdir(parents=True, exist_ok=True)
-    (args.root / "bench_toy.json").write_text(
-        json.dumps(summary, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
-    )
+    write_json(summary, args.root / "bench_toy.json")  # NaN (an undefined metric) as null
     return summary
 
 

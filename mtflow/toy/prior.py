@@ -35,6 +35,7 @@ import torch
 from mtflow.data.records import EditChain
 from mtflow.models.base import TextEmbeddings
 from mtflow.toy.judge import SUCCESS_THRESHOLD, ToyJudge
+from mtflow.toy.vae import warmup_cosine  # noqa: F401  (the prior's schedule; tests import it from here)
 from mtflow.toy.world import Scene, ToyChainSample, ToyWorld
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -181,14 +182,6 @@ def flow_matching_loss(
     per_sample = (velocity.float() - (eps - x0).float()).pow(2).mean(dim=tuple(range(1, velocity.ndim)))
     loss = per_sample.mean()
     return loss, {"loss/flow": loss.detach(), "loss/flow_per_sample": per_sample.detach()}
-
-
-def warmup_cosine(step: int, total: int, warmup: int, final_fraction: float = 0.0) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to ``final_fraction``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ====================================================================== data

@@ -111,6 +111,14 @@ class VAETrainStats:
     scaling_factor: float
 
 
+def warmup_cosine(step: int, total: int, warmup: int, final_fraction: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to ``final_fraction``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train_toy_vae(
     vae,
     worlds: Sequence[ToyWorld],
@@ -131,12 +139,7 @@ def train_toy_vae(
     optimiser = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
 
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: warmup_cosine(step, steps, warmup))
     start = time.perf_counter()
     first_loss = final_loss = final_kl = math.nan
     step = 0
