@@ -269,7 +269,7 @@ class FlowRLModule(L.LightningModule):
         recorded = None
         if config.stochastic == "window":  # one window position for the whole iteration, on every rank
             recorded = stochastic_steps(
-                config.num_steps, "window", config.window_size, self._generator("window")
+                config.num_steps, "window", config.window_size, self._generator("window", host=True)
             )
         generators = [self._generator("rollout", chain.chain_id) for chain in chains]
         self.policy.eval()
@@ -387,7 +387,7 @@ class FlowRLModule(L.LightningModule):
 
     def _update_chunks(self, keys: list[Any]) -> list[list[Any]]:
         """Shuffle (with the iteration's generator, identical on every rank) and split into optimiser steps."""
-        order = torch.randperm(len(keys), generator=self._generator("update")).tolist()
+        order = torch.randperm(len(keys), generator=self._generator("update", host=True)).tolist()
         parts = min(self.hparams.updates_per_rollout, len(keys))
         return [[keys[i] for i in order[p::parts]] for p in range(parts)]
 
@@ -445,7 +445,7 @@ class FlowRLModule(L.LightningModule):
         grid = self.policy.timestep_grid(self.num_steps)
         trajectory, turn, sigma, noise = [], [], [], []
         for b, chain in enumerate(result.chains):
-            gen = self._generator("nft", chain.chain_id)
+            gen = self._generator("nft", chain.chain_id, host=True)
             for g in range(result.group_size):
                 n = b * result.group_size + g
                 for k in range(turns):
@@ -486,7 +486,9 @@ class FlowRLModule(L.LightningModule):
         weights = adv.valid.reshape(result.num_trajectories, result.num_turns).float()
         size = self.rollout_config.forward_batch_size
         draws = samples.x_t.shape[0] // (result.num_trajectories * result.num_turns)
-        draw_of = torch.arange(samples.x_t.shape[0], device=samples.x_t.device) % draws  # layout (n, k, d)
+        draw_of = (
+            torch.arange(samples.x_t.shape[0]) % draws
+        )  # layout (n, k, d); host index arithmetic, no syncs
         sample_weights = weights[
             samples.trajectory, samples.turn
         ].cpu()  # one sync; shares are host arithmetic
@@ -494,8 +496,8 @@ class FlowRLModule(L.LightningModule):
         # Optimiser steps are split by draw index (as GRPO splits by timestep), so a step's samples do not depend
         # on how chains are spread over ranks.
         for chunk in self._update_chunks(list(range(draws))):
-            rows = torch.nonzero(torch.isin(draw_of, torch.tensor(chunk, device=draw_of.device))).flatten()
-            host_rows = rows.cpu()
+            host_rows = torch.nonzero(torch.isin(draw_of, torch.tensor(chunk))).flatten()
+            rows = host_rows.to(samples.x_t.device, non_blocking=True)
             total_weight = float(sample_weights[host_rows].sum())
             losses = []
             for start in range(0, rows.numel(), size):
@@ -536,16 +538,14 @@ class FlowRLModule(L.LightningModule):
         """Clip and step, unless some rank saw a non-finite loss or gradient: then skip on every rank."""
         optimizer = self.optimizers()
         params = self.policy.adapter_parameters(TRAINED)
-        finite = bool(torch.isfinite(torch.stack(losses)).all())  # one host sync per optimiser step
-        grad_norm = torch.zeros((), device=self.device)
-        if finite:
-            max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            finite = bool(torch.isfinite(_local(grad_norm)))
-        if self._all_ranks(finite):
+        # Clipping runs on every rank whatever its losses (under FSDP the norm is a collective); a step with a
+        # non-finite loss is skipped below anyway, so clipping its gradients changes nothing.
+        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = torch.isfinite(torch.stack(losses)).all() & torch.isfinite(_local(grad_norm))
+        if self._all_ranks(bool(finite)):  # one host sync per optimiser step
             optimizer.step()
             self.nonfinite_streak = 0
-            self._last_grad_norm = float(_local(grad_norm))
         else:
             self.nonfinite_streak += 1
             log.warning(
@@ -584,9 +584,12 @@ class FlowRLModule(L.LightningModule):
         gathered = self.all_gather(values)  # [world, num_keys]
         return dict(zip(keys, torch.nanmean(gathered, dim=0).tolist()))
 
-    def _generator(self, purpose: str, key: str = "") -> torch.Generator:
-        """A generator seeded by (seed, iteration, purpose, key): identical on every rank and after a resume."""
-        return _seeded(f"{self.hparams.seed}/{self.iteration}/{purpose}/{key}", self.device)
+    def _generator(self, purpose: str, key: str = "", host: bool = False) -> torch.Generator:
+        """A generator seeded by (seed, iteration, purpose, key): identical on every rank and after a resume. On the
+        module's device, or on the CPU (``host``) for draws that produce CPU tensors (torch refuses a CUDA generator
+        there)."""
+        device = torch.device("cpu") if host else self.device
+        return _seeded(f"{self.hparams.seed}/{self.iteration}/{purpose}/{key}", device)
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
