@@ -24,10 +24,16 @@ def block_sum(values):
     return tl.reduce(values, 0, _add)
 
 
-def launch_grid(num_rows: int, num_cols: int, block: int) -> tuple[int, int]:
-    return (num_rows, triton.cdiv(num_cols, block))
+def row_launch(num_rows: int, num_cols: int, max_block: int = 1024) -> tuple[int, tuple[int, int]]:
+    """(BLOCK, grid) of a row kernel over [num_rows, num_cols]: BLOCK a power of two covering ``num_cols`` up to
+    ``max_block`` (at least 16, Triton's minimum useful width); grid (num_rows, blocks per row)."""
+    block = max(16, min(max_block, triton.next_power_of_2(num_cols)))
+    return block, (num_rows, triton.cdiv(num_cols, block))
 
 
-def block_size(num_cols: int, max_block: int = 1024) -> int:
-    """A power of two covering ``num_cols`` up to ``max_block`` (at least 16, Triton's minimum useful width)."""
-    return max(16, min(max_block, triton.next_power_of_2(num_cols)))
+VECTOR_BLOCK = 1024
+
+
+def vector_grid(num: int, block: int = VECTOR_BLOCK) -> tuple[int]:
+    """Grid of a 1-D kernel over ``num`` elements in blocks of ``block`` (at least one program)."""
+    return (max(1, triton.cdiv(num, block)),)

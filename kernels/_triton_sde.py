@@ -9,11 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_common import block_size, block_sum, launch_grid  # noqa: F401  (re-exported for sde.py)
-
-ROUND_NONE = 0
-ROUND_BF16 = 1
-ROUND_FP16 = 2
+from ._triton_common import block_sum
 
 
 @triton.jit

@@ -26,11 +26,16 @@ def _kernels():
     return _triton_losses
 
 
-def _row_launch(width: int) -> tuple[int, int]:
-    from ._triton_common import block_size
+def _row_launch(num: int, width: int) -> tuple[int, tuple[int, int]]:
+    from ._triton_common import row_launch
 
-    block = block_size(width)
-    return block, -(-width // block)
+    return row_launch(num, width)
+
+
+def _vector_launch(num: int) -> tuple[int, tuple[int]]:
+    from ._triton_common import VECTOR_BLOCK, vector_grid
+
+    return VECTOR_BLOCK, vector_grid(num)
 
 
 # ------------------------------------------------------------------------------------------------------ GRPO
@@ -46,8 +51,8 @@ class _GRPOTerms(torch.autograd.Function):
         objective, ratio = torch.empty_like(log_ratio), torch.empty_like(log_ratio)
         clipped = torch.empty(num, dtype=torch.int8, device=log_ratio.device)
         active = torch.empty_like(clipped)
-        block = 1024
-        kernels.grpo_forward_kernel[(max(1, -(-num // block)),)](
+        block, grid = _vector_launch(num)
+        kernels.grpo_forward_kernel[grid](
             log_ratio, advantages, objective, ratio, clipped, active, num, float(clip_eps), BLOCK=block
         )
         ctx.save_for_backward(ratio, advantages, active)
@@ -60,8 +65,8 @@ class _GRPOTerms(torch.autograd.Function):
         ratio, advantages, active = ctx.saved_tensors
         num = ratio.shape[0]
         grad = torch.empty_like(ratio)
-        block = 1024
-        kernels.grpo_backward_kernel[(max(1, -(-num // block)),)](
+        block, grid = _vector_launch(num)
+        kernels.grpo_backward_kernel[grid](
             grad_objective.float().contiguous(), ratio, advantages, active, grad, num, BLOCK=block
         )
         return grad, None, None
@@ -79,11 +84,10 @@ class _GaussianMeanKL(torch.autograd.Function):
         kernels = _kernels()
         mean_rows, ref_rows = flat_rows(mean), flat_rows(ref_mean)
         num, width = mean_rows.shape
-        block, num_blocks = _row_launch(width)
+        block, grid = _row_launch(num, width)
+        num_blocks = grid[1]
         partial = torch.empty((num, num_blocks), dtype=torch.float32, device=mean.device)
-        kernels.kl_forward_kernel[(num, num_blocks)](
-            mean_rows, ref_rows, partial, width, num_blocks, BLOCK=block
-        )
+        kernels.kl_forward_kernel[grid](mean_rows, ref_rows, partial, width, num_blocks, BLOCK=block)
         ctx.save_for_backward(mean_rows, ref_rows, std)
         ctx.mean_shape, ctx.mean_dtype = mean.shape, mean.dtype
         return partial.sum(dim=1) / width / (2.0 * std.square())
@@ -93,12 +97,10 @@ class _GaussianMeanKL(torch.autograd.Function):
         kernels = _kernels()
         mean_rows, ref_rows, std = ctx.saved_tensors
         num, width = mean_rows.shape
-        block, num_blocks = _row_launch(width)
+        block, grid = _row_launch(num, width)
         coefficient = (grad_kl.float() / (std.square() * width)).contiguous()
         grad = torch.empty((num, width), dtype=ctx.mean_dtype, device=mean_rows.device)
-        kernels.kl_backward_kernel[(num, num_blocks)](
-            mean_rows, ref_rows, coefficient, grad, width, BLOCK=block
-        )
+        kernels.kl_backward_kernel[grid](mean_rows, ref_rows, coefficient, grad, width, BLOCK=block)
         return grad.view(ctx.mean_shape), None, None
 
 
@@ -158,9 +160,10 @@ class _NFTReductions(torch.autograd.Function):
         rows = [flat_rows(t) for t in (v_theta, v_old, x_t, x0)]
         ref_rows = flat_rows(v_ref) if v_ref is not None else rows[0]
         num, width = rows[0].shape
-        block, num_blocks = _row_launch(width)
+        block, grid = _row_launch(num, width)
+        num_blocks = grid[1]
         partial = torch.zeros((6, num, num_blocks), dtype=torch.float32, device=v_theta.device)
-        kernels.nft_forward_kernel[(num, num_blocks)](
+        kernels.nft_forward_kernel[grid](
             *rows,
             ref_rows,
             sigma,
@@ -201,8 +204,8 @@ class _NFTReductions(torch.autograd.Function):
         coef_neg = coefficient(grad_neg_sq, 2.0 * beta * sigma)
         coef_ref = coefficient(grad_ref_sq if ctx.has_ref else None, 2.0)
         grad_v = torch.empty((num, width), dtype=ctx.v_dtype, device=v.device)
-        block, num_blocks = _row_launch(width)
-        kernels.nft_backward_kernel[(num, num_blocks)](
+        block, grid = _row_launch(num, width)
+        kernels.nft_backward_kernel[grid](
             v, v_old, x_t, x0, v_ref, sigma, coef_pos, coef_neg, coef_ref, grad_v, beta, width,
             HAS_REF=ctx.has_ref, BLOCK=block,
         )  # fmt: skip

@@ -21,7 +21,12 @@ from mtflow.sampling import SDEStep
 
 from .backend import Backend, flat_rows, per_sample, use_triton
 
-_ROUND_CODES = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ROUND_CODES = {
+    None: 0,
+    torch.float32: 0,
+    torch.bfloat16: 1,
+    torch.float16: 2,
+}  # the kernels' ROUND constexpr
 
 
 def _step_coefficients(sigma, sigma_next, noise_level: float, num: int, device: torch.device):
@@ -44,11 +49,11 @@ def _std_like_reference(std: torch.Tensor, sigma, sigma_next, like: torch.Tensor
 
 def _launch_forward(x, velocity, x_next, noise, std, delta, k, one_minus_s, sample: bool, round_code: int):
     from . import _triton_sde as kernels
+    from ._triton_common import row_launch
 
     rows = flat_rows(x)
     num, width = rows.shape
-    block = kernels.block_size(width)
-    grid = kernels.launch_grid(num, width, block)
+    block, grid = row_launch(num, width)
     mean = torch.empty((num, width), dtype=torch.float32, device=x.device)
     partial = torch.empty((num, grid[1]), dtype=torch.float32, device=x.device)
     kernels.sde_forward_kernel[grid](
@@ -144,6 +149,7 @@ class _TransitionLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_prob, grad_mean):
         from . import _triton_sde as kernels
+        from ._triton_common import row_launch
 
         x_rows, v_rows, next_rows, delta, k, one_minus_s, std = ctx.saved_tensors
         num, width = x_rows.shape
@@ -152,8 +158,8 @@ class _TransitionLogProb(torch.autograd.Function):
         log_prob_coef = (grad_log_prob.float() / (std.square() * width)).contiguous()
         mean_dv = (-(delta + k * one_minus_s)).contiguous()
         grad_v = torch.empty((num, width), dtype=ctx.velocity_dtype, device=x_rows.device)
-        block = kernels.block_size(width)
-        kernels.transition_backward_kernel[kernels.launch_grid(num, width, block)](
+        block, grid = row_launch(num, width)
+        kernels.transition_backward_kernel[grid](
             x_rows,
             v_rows,
             next_rows,
