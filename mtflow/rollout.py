@@ -103,12 +103,6 @@ class Rollout:
     def chain_of(self, n: int) -> int:
         return n // self.group_size
 
-    def output_pil(self, n: int, k: int) -> Image.Image:
-        return uint8_to_pil(self.images[n, k])
-
-    def source_pil(self, b: int) -> Image.Image:
-        return uint8_to_pil(self.source_images[b])
-
 
 @dataclass
 class RolloutPreview:
@@ -117,13 +111,11 @@ class RolloutPreview:
 
     Attributes:
         num_trajectories: N of the rollout.
-        chain_ids: [R] chain of each row.
         source_images: [R, 3, H, W] uint8, the source of each row's chain.
         images: [R, K, 3, H, W] uint8, the row's outputs.
     """
 
     num_trajectories: int
-    chain_ids: list[str]
     source_images: torch.Tensor
     images: torch.Tensor
 
@@ -133,7 +125,6 @@ class RolloutPreview:
         chains = [result.chain_of(n) for n in range(rows)]
         return cls(
             num_trajectories=result.num_trajectories,
-            chain_ids=[result.chains[b].chain_id for b in chains],
             source_images=result.source_images[chains].cpu(),
             images=result.images[:rows].cpu(),
         )

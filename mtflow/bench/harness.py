@@ -427,7 +427,6 @@ def run_iterations(
         warmup_walls=recorder.walls[:skip],
     )
     captured.clear()
-    model.on_fit_end()
     # the module leaves the policy in train mode after its update; T5's dropout would then perturb any later
     # text encoding outside the trainer
     policy.eval()

@@ -22,7 +22,7 @@ from mtflow.eval.metrics import MULTI_TURN, SINGLE_TURN_MERGED, compute_eval_met
 from mtflow.eval.report import EvalReport
 from mtflow.models.base import EditPolicy
 from mtflow.reward.base import ScoreBatch, Scorer, ScoringItem
-from mtflow.rollout import Rollout, RolloutConfig, rollout
+from mtflow.rollout import Rollout, RolloutConfig, rollout, uint8_to_pil
 
 CONDITIONS = ("model", "base", "merged")
 
@@ -41,6 +41,10 @@ def merged_chain(chain: EditChain) -> EditChain:
 
 def scoring_items(result: Rollout) -> list[ScoringItem]:
     """One judge item per trajectory: its chain's source, its K outputs, the K instructions."""
+    images = result.images.cpu()  # one device-to-host copy for every output
+    sources = [
+        uint8_to_pil(source) for source in result.source_images.cpu()
+    ]  # one per chain, shared by its G
     items = []
     for n in range(result.num_trajectories):
         b = result.chain_of(n)
@@ -49,8 +53,8 @@ def scoring_items(result: Rollout) -> list[ScoringItem]:
             ScoringItem(
                 item_id=f"{chain.chain_id}/g{n % result.group_size}",
                 chain_id=chain.chain_id,
-                source=result.source_pil(b),
-                outputs=[result.output_pil(n, k) for k in range(result.num_turns)],
+                source=sources[b],
+                outputs=[uint8_to_pil(images[n, k]) for k in range(result.num_turns)],
                 instructions=list(chain.instructions),
                 metadata=chain.metadata,
             )
