@@ -130,22 +130,6 @@ class Context:
     results: dict = field(default_factory=dict)
 
 
-def _median_wall(result: dict) -> float:
-    """Median iteration time (batch wall + Lightning's gap) of a worker's ``RunResult`` dict."""
-    return statistics.median(result["walls"]) + result["gap"]
-
-
-def _split_worker(result: dict) -> dict[str, dict]:
-    """A worker's alternating-variant result, split per variant."""
-    out: dict[str, dict] = {}
-    for i, name in enumerate(result["variants"]):
-        row = out.setdefault(name, {"walls": [], "peaks": [], "gap": result["gap"]})
-        row["walls"].append(result["walls"][i])
-        if result["peaks"]:
-            row["peaks"].append(result["peaks"][i])
-    return out
-
-
 def judge_items(ctx: Context) -> list:
     """Judge items of one rollout of the benchmark's size (built once)."""
     if "judge_items" not in ctx.results:
@@ -563,17 +547,17 @@ def growth(ctx: Context) -> tuple[Section, list[str], list[str] | None]:
         points.append(("T", t, {**base, "num_steps": t}))
     for k in a.growth_turns:
         points.append(("K", k, {**base, "num_turns": k}))
-    cache: dict[str, dict] = {}
+    cache: dict[str, RunResult] = {}
     measured: dict[str, list[tuple[int, float, float, int]]] = {"G": [], "T": [], "K": []}
     for axis, value, module in points:
         key = json.dumps(module, sort_keys=True)
         if key not in cache:
             log(f"growth: {axis} = {value} (fresh process)")
             job = WorkerJob(str(ctx.model_path), spec, a.chains, module, a.growth_repeats, 1, a.threads)
-            cache[key] = run_worker(job)["result"]
+            cache[key] = run_worker(job)
         result = cache[key]
-        stored = sum(result["rollout_bytes"].values())
-        measured[axis].append((value, _median_wall(result), max(result["peaks"]), stored))
+        stored = sum(result.rollout_bytes.values())
+        measured[axis].append((value, result.iteration_s, result.peak, stored))
     fits = Section(
         "Cost growth (GRPO, full SDE)",
         f"One fresh process per point (B = {a.chains}; base G = {a.group}, T = {a.steps}, K = {a.turns}; one "
@@ -635,11 +619,11 @@ def growth(ctx: Context) -> tuple[Section, list[str], list[str] | None]:
             a.threads,
             variants=["checkpointing_off", "checkpointing_on"],
         )
-    )["result"]
-    gc = _split_worker(result)
-    (t0, p0) = _median_wall(gc["checkpointing_off"]), max(gc["checkpointing_off"]["peaks"])
-    (t1, p1) = _median_wall(gc["checkpointing_on"]), max(gc["checkpointing_on"]["peaks"])
-    ctx.results["gradient_checkpointing"] = gc
+    )
+    gc = result.split()
+    (t0, p0) = gc["checkpointing_off"].iteration_s, gc["checkpointing_off"].peak
+    (t1, p1) = gc["checkpointing_on"].iteration_s, gc["checkpointing_on"].peak
+    ctx.results["gradient_checkpointing"] = {name: asdict(run) for name, run in gc.items()}
     gc_row = [
         "gradient checkpointing (`KontextPolicy(gradient_checkpointing=True)`)",
         f"{_mb(p0)}, {_s(t0)}",
@@ -665,14 +649,16 @@ def growth(ctx: Context) -> tuple[Section, list[str], list[str] | None]:
         with tempfile.TemporaryDirectory(prefix="mtflow-bench-inductor-") as cache:
             # a fresh inductor cache: the compile cost is a cold compile, not a cache hit from an earlier run
             fresh = {"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": str(Path(cache) / "triton")}
-            result = run_worker(job, timeout=1800, env=fresh)["result"]
-        split = _split_worker(result)
-        eager_s, compiled_s = _median_wall(split["eager"]), _median_wall(split["compiled"])
-        compile_cost = result["warmup_walls"][1] - statistics.median(split["compiled"]["walls"])
+            result = run_worker(job, timeout=1800, env=fresh)
+        split = result.split()
+        eager_s, compiled_s = split["eager"].iteration_s, split["compiled"].iteration_s
+        compile_cost = result.warmup_walls[1] - statistics.median(split["compiled"].walls)
         saved = eager_s - compiled_s
         ctx.results["compile"] = {
-            "split": split,
-            "warmup_walls": result["warmup_walls"],
+            "split": {name: asdict(run) for name, run in split.items()},
+            "warmup_walls": result.warmup_walls,
+            "eager_s": eager_s,
+            "compiled_s": compiled_s,
             "cost_s": compile_cost,
         }
         compile_row = [
@@ -767,8 +753,7 @@ def findings(ctx: Context) -> Section:
     res = ctx.results
     rows = []
     if "compile" in res:
-        split = res["compile"]["split"]
-        ratio = _median_wall(split["eager"]) / _median_wall(split["compiled"])
+        ratio = res["compile"]["eager_s"] / res["compile"]["compiled_s"]
         rows.append(
             [
                 "`torch.compile` option for the transformer forward",

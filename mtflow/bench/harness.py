@@ -468,7 +468,6 @@ class WorkerJob:
 def run_job(job: WorkerJob) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     spec = ModelSpec(**job.spec)
-    started = time.perf_counter()
     policy = load_policy(job.model_path, spec)
     turns = int(job.module.get("num_turns", 3))
     module = {k: v for k, v in job.module.items() if k != "num_turns"}
@@ -485,13 +484,7 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
         memory=job.memory,
         variants=job.variants or None,
     )
-    return {"result": asdict(result), "rss": _rss(), "total_s": time.perf_counter() - started}
-
-
-def _rss() -> int:
-    from mtflow.bench.timing import current_rss_bytes
-
-    return current_rss_bytes()
+    return {"result": asdict(result)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -504,8 +497,8 @@ def main(argv: list[str] | None = None) -> None:
     print("MTFLOW_BENCH_RESULT " + json.dumps(result))
 
 
-def run_worker(job: WorkerJob, timeout: float = 900.0, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``job`` in a fresh Python process (``env`` added to this process's environment) and return its JSON
+def run_worker(job: WorkerJob, timeout: float = 900.0, env: dict[str, str] | None = None) -> RunResult:
+    """Run ``job`` in a fresh Python process (``env`` added to this process's environment) and return its
     result."""
     import subprocess
 
@@ -516,7 +509,7 @@ def run_worker(job: WorkerJob, timeout: float = 900.0, env: dict[str, str] | Non
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     for line in done.stdout.splitlines():
         if line.startswith("MTFLOW_BENCH_RESULT "):
-            return json.loads(line.split(" ", 1)[1])
+            return RunResult(**json.loads(line.split(" ", 1)[1])["result"])
     tail = (done.stderr or done.stdout)[-2000:]
     raise RuntimeError(f"benchmark worker failed (exit {done.returncode}) for {job}: {tail}")
 

@@ -143,15 +143,6 @@ def model_passes(shape: IterationShape) -> list[PassCount]:
     return [PassCount(name, size, calls) for (name, size), calls in passes.items()]  # type: ignore[arg-type]
 
 
-def totals_by_name(passes: list[PassCount]) -> dict[str, tuple[int, int]]:
-    """name -> (calls, samples)."""
-    out: dict[str, tuple[int, int]] = {}
-    for p in passes:
-        calls, samples = out.get(p.name, (0, 0))
-        out[p.name] = (calls + p.calls, samples + p.calls * p.batch_size)
-    return out
-
-
 class PassTimer:
     """Times one call of each kind of pass on the policy's raw modules, with inputs prepared outside the timing.
 

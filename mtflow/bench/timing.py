@@ -36,11 +36,6 @@ class Timing:
     def median(self) -> float:
         return statistics.median(self.times)
 
-    @property
-    def spread(self) -> float:
-        """(max - min) / median: how noisy the repeats were."""
-        return (max(self.times) - min(self.times)) / self.median if self.median > 0 else 0.0
-
 
 def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (``time.perf_counter``)."""
