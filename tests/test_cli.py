@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import yaml
@@ -145,7 +146,7 @@ def test_wheel_ships_the_default_config_kernels_and_toy_assets(tmp_path):
     default), the remapped kernels package and the toy prior the default config names."""
     import zipfile
 
-    repo = REPO_CONFIGS.parent
+    repo = Path(__file__).resolve().parents[1]
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "-q", "-w", str(tmp_path)],
         capture_output=True,

@@ -126,20 +126,22 @@ class Context:
     runs: dict[str, RunResult] = field(default_factory=dict)
     rounds: list[dict[str, RunResult]] = field(default_factory=list)
     pass_totals: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    grpo_pass_seconds: dict[str, float] = field(default_factory=dict)  # per call, full-SDE GRPO, last round
+    judge_items: list | None = None  # one rollout's judge items, built once
     shapes: dict[str, IterationShape] = field(default_factory=dict)
     results: dict = field(default_factory=dict)
 
 
 def judge_items(ctx: Context) -> list:
     """Judge items of one rollout of the benchmark's size (built once)."""
-    if "judge_items" not in ctx.results:
+    if ctx.judge_items is None:
         a = ctx.args
         config = RolloutConfig(group_size=a.group, num_steps=a.steps, forward_batch_size=a.forward_batch)
         sample = rollout(
             ctx.policy, ctx.chains[: a.chains], config, generator=torch.Generator().manual_seed(0)
         )
-        ctx.results["judge_items"] = scoring_items(sample)
-    return ctx.results["judge_items"]
+        ctx.judge_items = scoring_items(sample)
+    return ctx.judge_items
 
 
 def time_passes(ctx: Context, shape: IterationShape) -> tuple[dict[str, float], dict[str, float]]:
@@ -170,18 +172,21 @@ def time_passes(ctx: Context, shape: IterationShape) -> tuple[dict[str, float], 
 
 def loss_modes(ctx: Context) -> Section:
     a = ctx.args
-    configs = {"grpo": ({"loss": "grpo"}, IterationShape(a.chains, a.group, a.turns, a.steps, "grpo"))}
-    configs["grpo_window"] = (
-        {"loss": "grpo", "stochastic": "window"},
-        IterationShape(a.chains, a.group, a.turns, a.steps, "grpo", trained_steps=a.window),
-    )
+
+    def shape(loss: str, **extra) -> IterationShape:
+        return IterationShape(
+            a.chains, a.group, a.turns, a.steps, loss, forward_batch_size=a.forward_batch, **extra
+        )
+
+    configs = {"grpo": ({"loss": "grpo"}, shape("grpo"))}
+    configs["grpo_window"] = ({"loss": "grpo", "stochastic": "window"}, shape("grpo", trained_steps=a.window))
     for d in a.nft_draws:
         configs[f"nft_d{d}"] = (
             {"loss": "nft", "nft_train_timesteps": d},
-            IterationShape(a.chains, a.group, a.turns, a.steps, "nft", nft_draws=min(d, a.steps)),
+            shape("nft", nft_draws=min(d, a.steps)),
         )
-    for name, (_, shape) in configs.items():
-        ctx.shapes[name] = IterationShape(**{**asdict(shape), "forward_batch_size": a.forward_batch})
+    for name, (_, iteration_shape) in configs.items():
+        ctx.shapes[name] = iteration_shape
     for r in range(a.rounds):
         runs, totals = {}, {}
         for name, (extra, _) in configs.items():
@@ -200,7 +205,7 @@ def loss_modes(ctx: Context) -> Section:
             runs[name] = run
             totals[name], per_call = time_passes(ctx, shape)
             if name == "grpo":
-                totals["_per_call"] = per_call
+                ctx.grpo_pass_seconds = per_call
         ctx.rounds.append(runs)
         ctx.pass_totals.append(totals)
     ctx.runs = {name: RunResult.merge([rnd[name] for rnd in ctx.rounds]) for name in configs}
@@ -296,7 +301,7 @@ def overhead(ctx: Context) -> tuple[Section, Section]:
         "Unavoidable passes of one full-SDE GRPO iteration (last round)",
         header=["pass", "calls x batch", "seconds per call", "total"],
     )
-    per_call = ctx.pass_totals[-1]["_per_call"]
+    per_call = ctx.grpo_pass_seconds
     for p in model_passes(ctx.shapes["grpo"]):
         seconds = per_call["judge"] if p.name == "judge" else per_call[f"{p.name}@{p.batch_size}/default"]
         detail.rows.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def write_random_manifest(
     return path
 
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+REPO_CONFIGS = Path(str(resources.files("mtflow.configs")))  # as mtflow.cli resolves them
 
 
 def tiny_fit_config(

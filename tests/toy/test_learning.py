@@ -18,7 +18,7 @@ from mtflow.toy.module import ToyDataModule
 from mtflow.toy.world import ToyWorld
 from mtflow.training.module import FlowRLModule
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = DEFAULT_FIT_CONFIG.parent
 
 # The learning run: configs/toy.yaml on 2 fixed training chains of 2 turns, G = 8, T = 4. Measured here
 # (reward/mean = IF + 0.3 CC, turn-averaged; first iteration 5.20): the second half of 12 iterations averages
