@@ -406,9 +406,10 @@ class FlowRLModule(L.LightningModule):
         for chunk in self._update_chunks(steps):
             chosen = set(chunk)
             micro = [b for b in batches if (b.turn, b.step) in chosen]
-            total_weight = sum(float(host_weights[b.trajectories, b.turn].sum()) for b in micro)
+            micro_weights = [float(host_weights[b.trajectories, b.turn].sum()) for b in micro]
+            total_weight = sum(micro_weights)
             losses = []
-            for batch in micro:
+            for batch, batch_weight in zip(micro, micro_weights):
                 log_prob, mean, std, _ = recompute_transition(
                     self.policy, result, batch, self.hparams.kernels
                 )
@@ -426,11 +427,7 @@ class FlowRLModule(L.LightningModule):
                     backend=self.hparams.kernels,
                 )
                 # Each micro-batch loss is a weighted mean; rescale so the step sees the chunk's weighted mean.
-                share = (
-                    float(host_weights[batch.trajectories, batch.turn].sum()) / total_weight
-                    if total_weight
-                    else 0.0
-                )
+                share = batch_weight / total_weight if total_weight else 0.0
                 self.manual_backward(loss * share)
                 losses.append(loss.detach())
                 _collect(collected, stats)
