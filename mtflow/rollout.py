@@ -68,6 +68,7 @@ class Rollout:
         step_indices: [S] long, grid index i of each recorded step.
         sigmas: [T + 1] float32 grid; model_timesteps: [T] float32 transformer time input.
         noise_level: the a used.
+        backend: the kernels backend of the sampling steps (recomputing with the same one gives ratio exactly 1).
         stats: timings and counts (``perf/rollout_s``, ...).
     """
 
@@ -86,6 +87,7 @@ class Rollout:
     sigmas: torch.Tensor
     model_timesteps: torch.Tensor
     noise_level: float
+    backend: kernels.Backend = "auto"
     stats: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -305,6 +307,7 @@ def rollout(
         sigmas=sigmas,
         model_timesteps=grid.model_timesteps.float(),
         noise_level=noise_level,
+        backend=config.kernels,
         stats={
             "perf/rollout_s": elapsed,
             "perf/rollout_forward_calls": float(forward_calls),
@@ -339,9 +342,10 @@ def transition_batches(rollout: Rollout, batch_size: int) -> list[TransitionBatc
 
 
 def recompute_transition(
-    policy: EditPolicy, rollout: Rollout, batch: TransitionBatch, backend: kernels.Backend = "auto"
+    policy: EditPolicy, rollout: Rollout, batch: TransitionBatch, backend: kernels.Backend | None = None
 ):
-    """Velocity and log-prob of a recorded transition under the policy's active adapter (differentiable).
+    """Velocity and log-prob of a recorded transition under the policy's active adapter (differentiable), with the
+    kernels backend the rollout sampled with unless ``backend`` says otherwise.
 
     Returns:
         log_prob [M] float32, mean [M, L, C] float32, std (broadcastable), velocity [M, L, C] float32.
@@ -363,6 +367,6 @@ def recompute_transition(
         rollout.sigmas[i],
         rollout.sigmas[i + 1],
         rollout.noise_level,
-        backend=backend,
+        backend=backend or rollout.backend,
     )
     return log_prob, mean, std, velocity

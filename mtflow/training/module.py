@@ -381,7 +381,7 @@ class FlowRLModule(L.LightningModule):
         means = {}
         with self.policy.use_adapter(None):
             for batch in transition_batches(result, self.rollout_config.forward_batch_size):
-                _, mean, _, _ = recompute_transition(self.policy, result, batch, self.hparams.kernels)
+                _, mean, _, _ = recompute_transition(self.policy, result, batch)
                 means[_batch_key(batch)] = mean
         return means
 
@@ -410,9 +410,7 @@ class FlowRLModule(L.LightningModule):
             total_weight = sum(micro_weights)
             losses = []
             for batch, batch_weight in zip(micro, micro_weights):
-                log_prob, mean, std, _ = recompute_transition(
-                    self.policy, result, batch, self.hparams.kernels
-                )
+                log_prob, mean, std, _ = recompute_transition(self.policy, result, batch)
                 weight = weights[batch.trajectories, batch.turn]
                 ref_mean = ref_means[_batch_key(batch)] if ref_means else None
                 loss, stats = grpo_loss(
