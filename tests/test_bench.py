@@ -30,15 +30,13 @@ from mtflow.bench.projection import (
 from mtflow.bench.timing import PeakProbe, count_calls, fit_line, time_calls
 from mtflow.losses import GRPOConfig, grpo_loss
 from mtflow.rollout import RolloutConfig, recompute_transition, rollout, transition_batches
+from mtflow.testing.fixtures import torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # Two OpenMP threads on two cores shared with other jobs spin against each other (runs ~40x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # two threads on two shared cores ran ~40x slower here
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ timing

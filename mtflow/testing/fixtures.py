@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,21 @@ INSTRUCTIONS = [
     "turn the background blue",
     "move the star left",
 ]
+
+
+@contextmanager
+def torch_threads(num: int) -> Iterator[None]:
+    """Run the block with ``num`` torch threads, then restore the previous count. One thread is what tests want on
+    a shared 2-core machine (two OpenMP threads per process spin against other jobs and run many times slower),
+    and what recorded numbers need (CPU matmuls may block differently per thread count)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def write_random_manifest(

@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from mtflow.reward.base import ScoringItem
+from mtflow.testing.fixtures import torch_threads
 
 INSTRUCTIONS = [
     "add a red circle to the left",
@@ -54,14 +55,9 @@ def make_items(
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
-    """The tiny judge gains nothing from a second thread, and on a shared 2-core machine two threads per
-    process oversubscribe the cores (tests ran 10x slower under load). Restored after each test."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    """The tiny judge gains nothing from a second thread (tests ran 10x slower under load with two)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from mtflow.cli import DEFAULT_FIT_CONFIG, main
 from mtflow.data.loader import ChainBatches
+from mtflow.testing.fixtures import torch_threads
 from mtflow.toy.module import ToyDataModule
 from mtflow.toy.world import ToyWorld
 from mtflow.training.module import FlowRLModule
@@ -95,9 +95,7 @@ def _learning_run(tmp_path: Path, name: str) -> list[float]:
 
 def test_short_grpo_run_raises_the_training_reward_and_a_sign_flip_does_not(tmp_path, monkeypatch):
     """Fixed seeds, one torch thread (the curves were measured so); the flipped run negates every advantage."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on two busy cores run several times slower than one
-    try:
+    with torch_threads(1):
         learned = _learning_run(tmp_path, "learn")
         original = FlowRLModule.compute_advantages
 
@@ -107,8 +105,6 @@ def test_short_grpo_run_raises_the_training_reward_and_a_sign_flip_does_not(tmp_
 
         monkeypatch.setattr(FlowRLModule, "compute_advantages", flipped)
         broken = _learning_run(tmp_path, "flipped")
-    finally:
-        torch.set_num_threads(threads)
     n = LEARNING_RUN["iterations"]
     assert len(learned) == len(broken) == n
     assert learned[0] == pytest.approx(broken[0])  # same start: the first rollout precedes any update

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mtflow.models.kontext import KontextPolicy
+from mtflow.testing.fixtures import torch_threads
 from mtflow.toy.prior import (
     PRIOR_ASSET,
     SHIPPED_PRIOR,
@@ -188,13 +189,9 @@ def test_shipped_prior_reproduces_its_recorded_held_out_numbers(world, recorded)
     """Deterministic rollouts + exact judge: the same judge metrics, exactly (a recorded small subset; the
     thread count it was recorded with is restored, since CPU matmuls may block differently per thread count)."""
     subset = recorded["test_subset"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(subset["torch_threads"])
-    try:
+    with torch_threads(subset["torch_threads"]):
         policy = load_prior_policy(max_sequence_length=recorded["max_sequence_length"])
         result = evaluate_prior(policy, world, _subset_settings(recorded))
-    finally:
-        torch.set_num_threads(threads)
     for section, keys in (
         ("single_turn", ("success", "mean_if", "consistency", "success_by_type", "count_by_type")),
         (
