@@ -460,8 +460,9 @@ class KontextPolicy(nn.Module):
         )[0]
         return out[:, :length].float()
 
-    def compile(self) -> None:
-        """Apply ``torch.compile`` to the transformer if ``compile_transformer`` is set (call after sharding)."""
+    def compile_if_requested(self) -> None:
+        """Apply ``torch.compile`` to the transformer if ``compile_transformer`` is set (call after sharding). Not
+        named ``compile``: that would silently change ``nn.Module.compile`` for this module."""
         if self.compile_transformer:
             self.transformer.compile()
 

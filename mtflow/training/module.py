@@ -225,7 +225,7 @@ class FlowRLModule(L.LightningModule):
             from mtflow.training.distributed import shard_policy
 
             shard_policy(self.policy, self.device_mesh)
-        self.policy.compile()  # no-op unless policy.compile_transformer
+        self.policy.compile_if_requested()  # no-op unless policy.compile_transformer
 
     def configure_optimizers(self):
         params = self.policy.adapter_parameters(TRAINED)
