@@ -123,9 +123,10 @@ def build_t5_tokenizer(words: list[str], model_max_length: int = 512):
     )
 
 
-def build_tiny_kontext_components(spec: TinyKontextSpec | None = None, seed: int = 0) -> dict:
-    """Instantiate the components of a tiny ``FluxKontextPipeline`` (random weights, seeded)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+def build_tiny_kontext_components(spec: TinyKontextSpec | None = None, seed: int = 0, vae=None) -> dict:
+    """Instantiate the components of a tiny ``FluxKontextPipeline`` (random weights, seeded); a given ``vae`` (an
+    ``AutoencoderKL`` with ``spec.latent_channels``) is used instead of a random one."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     spec = spec or TinyKontextSpec()
@@ -177,22 +178,8 @@ def build_tiny_kontext_components(spec: TinyKontextSpec | None = None, seed: int
             decoder_start_token_id=tokenizer_2.pad_token_id,
         )
     )
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_block_out_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_block_out_channels),
-        block_out_channels=tuple(spec.vae_block_out_channels),
-        layers_per_block=1,
-        latent_channels=spec.latent_channels,
-        norm_num_groups=spec.vae_norm_num_groups,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=spec.vae_shift_factor,
-        scaling_factor=spec.vae_scaling_factor,
-        sample_size=32,
-    )
+    if vae is None:
+        vae = _random_vae(spec, seed)
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True,
         base_shift=0.5,
@@ -237,3 +224,24 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _random_vae(spec: TinyKontextSpec, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed + 3)  # after the other components: their weights do not depend on it
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_block_out_channels),
+        block_out_channels=tuple(spec.vae_block_out_channels),
+        layers_per_block=1,
+        latent_channels=spec.latent_channels,
+        norm_num_groups=spec.vae_norm_num_groups,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=spec.vae_shift_factor,
+        scaling_factor=spec.vae_scaling_factor,
+        sample_size=32,
+    )

@@ -95,25 +95,15 @@ def build_toy_prior_components(
 
     spec = spec or ToyPriorSpec()
     vae = load_toy_vae(vae_path)
-    components = build_tiny_kontext_components(
+    return build_tiny_kontext_components(
         TinyKontextSpec(
-            num_layers=spec.num_layers,
-            num_single_layers=spec.num_single_layers,
-            attention_head_dim=spec.attention_head_dim,
-            num_attention_heads=spec.num_attention_heads,
-            axes_dims_rope=tuple(spec.axes_dims_rope),
-            text_width=spec.text_width,
-            clip_layers=spec.clip_layers,
-            t5_layers=spec.t5_layers,
-            vae_block_out_channels=tuple(vae.config.block_out_channels),
-            vae_norm_num_groups=int(vae.config.norm_num_groups),
+            **{**asdict(spec), "axes_dims_rope": tuple(spec.axes_dims_rope)},
             latent_channels=int(vae.config.latent_channels),
             extra_words=world.vocabulary(),
         ),
         seed=seed,
+        vae=vae,
     )
-    components["vae"] = vae
-    return components
 
 
 def save_toy_prior(components: dict[str, Any], path: str | Path, transformer_dtype: str = "float32") -> Path:
