@@ -19,6 +19,7 @@ from mtflow.bench.projection import (
     PaperSetting,
     Qwen3VLArch,
     T5Arch,
+    counted_flux_flops,
     flux_forward_flops,
     flux_train_flops,
     project_iteration,
@@ -271,59 +272,12 @@ def test_flux_forward_flops_hand_counted_toy():
     assert flux_forward_flops(TOY, 3, 2, batch=3).total == 3 * 72096
 
 
-def _meta_flux_flops(
-    arch: FluxArch, heads: int, image_tokens: int, text_tokens: int, lora: int, backward: bool
-):
-    from diffusers import FluxTransformer2DModel
-    from peft import LoraConfig
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mtflow.models.kontext import ATTENTION_LORA_TARGETS
-
-    head_dim = arch.hidden // heads
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=arch.in_channels,
-            num_layers=arch.double_blocks,
-            num_single_layers=arch.single_blocks,
-            attention_head_dim=head_dim,
-            num_attention_heads=heads,
-            joint_attention_dim=arch.text_dim,
-            pooled_projection_dim=arch.pooled_dim,
-            guidance_embeds=True,
-            axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
-        )
-        model.requires_grad_(False)
-        if lora:
-            model.add_adapter(
-                LoraConfig(r=lora, lora_alpha=lora, target_modules=list(ATTENTION_LORA_TARGETS))
-            )
-            for name, p in model.named_parameters():
-                p.requires_grad_("lora_" in name)
-        inputs = {
-            "hidden_states": torch.empty(1, image_tokens, arch.in_channels),
-            "encoder_hidden_states": torch.empty(1, text_tokens, arch.text_dim),
-            "pooled_projections": torch.empty(1, arch.pooled_dim),
-            "timestep": torch.empty(1),
-            "guidance": torch.empty(1),
-            "txt_ids": torch.empty(text_tokens, 3),
-            "img_ids": torch.empty(image_tokens, 3),
-        }
-        counter = FlopCounterMode(display=False)
-        with counter:
-            out = model(**inputs, return_dict=False)[0]
-            if backward:
-                out.sum().backward()
-    return counter.get_total_flops()
-
-
 def test_flux_flops_match_flop_counter_on_the_real_class():
     arch = FluxArch(hidden=64, double_blocks=2, single_blocks=4, in_channels=16, text_dim=24, pooled_dim=20)
     forward = flux_forward_flops(arch, 128, 32, lora_rank=4)
-    assert forward.total == _meta_flux_flops(arch, 4, 128, 32, lora=4, backward=False)
+    assert forward.total == counted_flux_flops(arch, 4, 128, 32, lora_rank=4)
     # backward: exact up to the first block's input gradients, which autograd skips
-    measured = _meta_flux_flops(arch, 4, 128, 32, lora=4, backward=True)
+    measured = counted_flux_flops(arch, 4, 128, 32, lora_rank=4, backward=True)
     assert flux_train_flops(forward) == pytest.approx(measured, rel=0.02)
 
 

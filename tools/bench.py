@@ -53,6 +53,7 @@ from mtflow.bench.projection import (
     FluxArch,
     Hardware,
     PaperSetting,
+    counted_flux_flops,
     flux_forward_flops,
     project_iteration,
     rollout_storage_bytes,
@@ -818,22 +819,16 @@ def projection(ctx: Context) -> list[Section]:
     arch = FluxArch()
     setting = PaperSetting()
     # Cross-check the analytic transformer count and measure the VAE on the real diffusers classes (meta device).
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import AutoencoderKL
 
+    image_tokens = setting.target_tokens + setting.reference_tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measured_forward = counted_flux_flops(
+            arch, arch.hidden // FLUX_HEAD_DIM, image_tokens, setting.text_tokens
+        )
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=arch.in_channels,
-            num_layers=arch.double_blocks,
-            num_single_layers=arch.single_blocks,
-            attention_head_dim=FLUX_HEAD_DIM,
-            num_attention_heads=arch.hidden // FLUX_HEAD_DIM,
-            joint_attention_dim=arch.text_dim,
-            pooled_projection_dim=arch.pooled_dim,
-            guidance_embeds=arch.guidance_embed,
-            axes_dims_rope=(16, 56, 56),
-        )
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -846,21 +841,7 @@ def projection(ctx: Context) -> list[Section]:
             use_quant_conv=False,
             use_post_quant_conv=False,
         )
-        image_tokens = setting.target_tokens + setting.reference_tokens
-        inputs = {
-            "hidden_states": torch.empty(1, image_tokens, arch.in_channels),
-            "encoder_hidden_states": torch.empty(1, setting.text_tokens, arch.text_dim),
-            "pooled_projections": torch.empty(1, arch.pooled_dim),
-            "timestep": torch.empty(1),
-            "guidance": torch.empty(1),
-            "txt_ids": torch.empty(setting.text_tokens, 3),
-            "img_ids": torch.empty(image_tokens, 3),
-        }
         pixels = torch.empty(1, 3, setting.image_side, setting.image_side)
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            transformer(**inputs, return_dict=False)
-        measured_forward = counter.get_total_flops()
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mode()

@@ -117,6 +117,63 @@ def flux_forward_flops(
     )
 
 
+def counted_flux_flops(
+    arch: FluxArch,
+    heads: int,
+    image_tokens: int,
+    text_tokens: int,
+    lora_rank: int = 0,
+    backward: bool = False,
+) -> int:
+    """FLOPs ``FlopCounterMode`` counts for one forward (and, with ``backward``, its backward) of the real diffusers
+    ``FluxTransformer2DModel`` of ``arch`` built on the meta device (batch 1; LoRA on the attention projections with
+    only the LoRA weights trainable). The independent check of ``flux_forward_flops``."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mtflow.models.kontext import ATTENTION_LORA_TARGETS
+
+    head_dim = arch.hidden // heads
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=arch.in_channels,
+            num_layers=arch.double_blocks,
+            num_single_layers=arch.single_blocks,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=arch.text_dim,
+            pooled_projection_dim=arch.pooled_dim,
+            guidance_embeds=arch.guidance_embed,
+            # the RoPE split does not change the count (elementwise); any split summing to head_dim will do
+            axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
+        )
+        model.requires_grad_(False)
+        if lora_rank:
+            model.add_adapter(
+                LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(ATTENTION_LORA_TARGETS))
+            )
+            for name, p in model.named_parameters():
+                p.requires_grad_("lora_" in name)
+        inputs = {
+            "hidden_states": torch.empty(1, image_tokens, arch.in_channels),
+            "encoder_hidden_states": torch.empty(1, text_tokens, arch.text_dim),
+            "pooled_projections": torch.empty(1, arch.pooled_dim),
+            "timestep": torch.empty(1),
+            "guidance": torch.empty(1),
+            "txt_ids": torch.empty(text_tokens, 3),
+            "img_ids": torch.empty(image_tokens, 3),
+        }
+        counter = FlopCounterMode(display=False)
+        with counter, torch.set_grad_enabled(backward):
+            out = model(**inputs, return_dict=False)[0]
+            if backward:
+                out.sum().backward()
+    return counter.get_total_flops()
+
+
 def flux_train_flops(forward: FlopBreakdown, gradient_checkpointing: bool = False) -> float:
     """Forward + backward FLOPs of one LoRA training pass (frozen base), see the module docstring."""
     backward = forward.block_linear + 2 * forward.attention + 2 * forward.lora
