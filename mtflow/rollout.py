@@ -37,6 +37,9 @@ class RolloutConfig:
         forward_batch_size: samples per transformer forward (memory bound).
         store_dtype: dtype of recorded states ("bfloat16" halves rollout memory; log-probs stay exact).
         kernels: "auto" (fused Triton SDE step on CUDA, torch elsewhere), "torch" or "triton".
+        chain_through: what turn k+1 is conditioned on: "pixels", turn k's decoded uint8 image re-encoded (what a
+            user's next edit sees), or "latents", turn k's final latent as is (skips the VAE round trip: a
+            diagnostic that separates the editor's own drift from what decoding and re-encoding do to it).
     """
 
     group_size: int = 16
@@ -47,6 +50,7 @@ class RolloutConfig:
     forward_batch_size: int = 16
     store_dtype: Literal["float32", "bfloat16"] = "float32"
     kernels: Literal["auto", "torch", "triton"] = "auto"
+    chain_through: Literal["pixels", "latents"] = "pixels"
 
 
 @dataclass
@@ -203,6 +207,8 @@ def rollout(
     if len(turns) != 1:
         raise ValueError(f"all chains of a batch must have the same number of turns, got {sorted(turns)}")
     num_turns = turns.pop()
+    if config.chain_through not in ("pixels", "latents"):
+        raise ValueError(f"chain_through must be 'pixels' or 'latents', got {config.chain_through!r}")
     group = config.group_size
     num_chains = len(chains)
     n_total = num_chains * group
@@ -271,7 +277,9 @@ def rollout(
                 states.append(torch.stack(turn_states, dim=1))
                 next_states.append(torch.stack(turn_next, dim=1))
                 log_probs.append(torch.stack(turn_logp, dim=1))
-            if k + 1 < num_turns:
+            if k + 1 < num_turns and config.chain_through == "latents":
+                reference = x.float().clone()  # [N, L, C]; same packing as the reference latents
+            elif k + 1 < num_turns:
                 # Chain through pixels: the next turn edits exactly the uint8 image a user would have saved.
                 reference = torch.cat(
                     [
