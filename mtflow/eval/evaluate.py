@@ -72,6 +72,24 @@ def eval_generators(
     ]
 
 
+def paired_eval_generators(
+    policy: EditPolicy, noise_from: Sequence[tuple[str, int]], seed: int
+) -> list[torch.Generator]:
+    """Per chain, the generator of chain ``chain_id`` (``eval_generators``) advanced past the initial noise of its
+    first ``turn`` turns: a 1-turn chain then starts from exactly the noise turn ``turn + 1`` of that chain started
+    from (deterministic sampling draws only one initial noise per turn). Pairs teacher-forced turns with the
+    model's own chained turns, so the two differ only in their input image."""
+    generators = []
+    for chain_id, turn in noise_from:
+        generator = torch.Generator(device=policy.device).manual_seed(
+            zlib.crc32(f"{seed}/eval/{chain_id}".encode())
+        )
+        for _ in range(turn):
+            policy.initial_noise(1, generator)
+        generators.append(generator)
+    return generators
+
+
 @dataclass
 class ConditionScores:
     """Scores of one condition. ``chain_ids`` [N] align with the rows of ``scores`` ([N, K])."""
@@ -104,18 +122,29 @@ def rollout_and_score(
     num_steps: int,
     forward_batch_size: int,
     seed: int,
+    chain_through: str = "pixels",
+    noise_from: Sequence[tuple[str, int]] | None = None,
 ) -> tuple[ScoreBatch, list[ScoringItem]]:
-    """Deterministic rollout of ``chains`` under one condition, then one judge call."""
+    """Deterministic rollout of ``chains`` under one condition, then one judge call (``chain_through``: see
+    ``RolloutConfig``; ``noise_from``: see ``paired_eval_generators``, None: each chain's own noise)."""
     if condition not in CONDITIONS:
         raise ValueError(f"unknown evaluation condition {condition!r}; expected one of {CONDITIONS}")
     if condition == "merged":
         chains = [merged_chain(c) for c in chains]
     config = RolloutConfig(
-        group_size=1, num_steps=num_steps, stochastic="none", forward_batch_size=forward_batch_size
+        group_size=1,
+        num_steps=num_steps,
+        stochastic="none",
+        forward_batch_size=forward_batch_size,
+        chain_through=chain_through,
     )
-    result = rollout(
-        policy, chains, config, generator=eval_generators(chains, seed, policy.device), adapter=adapter
-    )
+    if noise_from is None:
+        generators = eval_generators(chains, seed, policy.device)
+    else:
+        if len(noise_from) != len(chains):
+            raise ValueError(f"noise_from has {len(noise_from)} entries for {len(chains)} chains")
+        generators = paired_eval_generators(policy, noise_from, seed)
+    result = rollout(policy, chains, config, generator=generators, adapter=adapter)
     items = scoring_items(result)
     return scorer.score(items), items
 
@@ -188,9 +217,15 @@ def evaluate_chains(
     num_bootstrap: int = 1000,
     keep_items: int = 4,
     info: dict | None = None,
+    chain_through: str = "pixels",
+    noise_from: Sequence[tuple[str, int]] | None = None,
 ) -> tuple[EvalReport, dict[str, ConditionScores]]:
     """Evaluate ``chains`` under each condition, ``batch_size`` chains per rollout; returns the report and the
-    raw per-condition scores (with the first ``keep_items`` trajectories for an image grid)."""
+    raw per-condition scores (with the first ``keep_items`` trajectories for an image grid). ``chain_through``:
+    what turn k+1 is conditioned on (see ``RolloutConfig``; "pixels" is what users get). ``noise_from``: per
+    chain, whose noise to start from (``paired_eval_generators``; None: each chain's own)."""
+    if noise_from is not None and len(noise_from) != len(chains):
+        raise ValueError(f"noise_from has {len(noise_from)} entries for {len(chains)} chains")
     collected = {
         name: ConditionScores(kind=SINGLE_TURN_MERGED if name == "merged" else MULTI_TURN)
         for name in conditions
@@ -208,6 +243,8 @@ def evaluate_chains(
                 num_steps=num_steps,
                 forward_batch_size=forward_batch_size,
                 seed=seed,
+                chain_through=chain_through,
+                noise_from=None if noise_from is None else noise_from[start : start + batch_size],
             )
             collected[name].add([c.chain_id for c in batch], scores, items, keep_items)
     report = build_report(collected, threshold=threshold, num_bootstrap=num_bootstrap, seed=seed, info=info)

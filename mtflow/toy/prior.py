@@ -129,9 +129,11 @@ def load_prior_policy(
     pretrained: str | Path = PRIOR_ASSET,
     max_sequence_length: int = PRIOR_MAX_SEQUENCE_LENGTH,
     resolution: int = 32,
+    lora_rank: int = 0,
     **kwargs: Any,
 ):
-    """The prior as a bare (``lora_rank=0``) float32 ``KontextPolicy``, loaded."""
+    """The prior as a float32 ``KontextPolicy``, loaded: bare by default (``lora_rank=0``), or with a LoRA adapter
+    of ``lora_rank`` (and the ``lora_*`` ``kwargs``) to load trained weights into."""
     from mtflow.models.kontext import KontextPolicy
 
     return KontextPolicy(
@@ -139,7 +141,7 @@ def load_prior_policy(
         dtype="float32",
         resolution=resolution,
         max_sequence_length=max_sequence_length,
-        lora_rank=0,
+        lora_rank=lora_rank,
         **kwargs,
     ).load()
 
@@ -427,6 +429,36 @@ def _turn1_successes(scores, threshold: float) -> list[float | None]:
     return [float(r) if scored else None for r, scored in zip(reached, scores.scored[:, 0].tolist())]
 
 
+def teacher_forced_successes(
+    policy, judge, samples: Sequence[ToyChainSample], num_turns: int, evaluate_kwargs: dict, threshold: float
+) -> np.ndarray:
+    """[N, K] float: 1.0 / 0.0 whether turn k of sample n succeeds when edited from the ground-truth previous scene
+    (``teacher_forced_chain``), NaN where unscored. Each forced turn starts from the noise the chained turn k of
+    the same sample starts from (``paired_eval_generators``), so forced and chained turns differ only in their
+    input. ``evaluate_kwargs`` go to ``evaluate_chains``."""
+    from mtflow.eval.evaluate import evaluate_chains
+
+    forced = [teacher_forced_chain(sample, k) for k in range(num_turns) for sample in samples]
+    noise_from = [(sample.chain_id, k) for k in range(num_turns) for sample in samples]
+    _, forced_raw = evaluate_chains(policy, judge, forced, noise_from=noise_from, **evaluate_kwargs)
+    successes = _turn1_successes(forced_raw["model"].scores, threshold)
+    flat = np.array([math.nan if x is None else x for x in successes], dtype=np.float64)
+    return flat.reshape(num_turns, len(samples)).T
+
+
+def teacher_forced_success(
+    policy, judge, samples: Sequence[ToyChainSample], num_turns: int, evaluate_kwargs: dict, threshold: float
+) -> list[float]:
+    """Per turn k, the percent of ``samples`` whose turn k succeeds from the ground-truth previous scene
+    (``teacher_forced_successes``; unscored turns left out)."""
+    successes = teacher_forced_successes(policy, judge, samples, num_turns, evaluate_kwargs, threshold)
+    rates = []
+    for k in range(num_turns):
+        scored = successes[:, k][~np.isnan(successes[:, k])]
+        rates.append(100.0 * float(scored.mean()) if scored.size else math.nan)
+    return rates
+
+
 def evaluate_prior(
     policy,
     world: ToyWorld,
@@ -474,13 +506,9 @@ def evaluate_prior(
     # The same turns from the ground-truth previous scene (teacher forcing): what each turn achieves when it does
     # not edit the model's own output. Own-output per-turn success below this is exposure bias + carried-over error.
     started = time.perf_counter()
-    forced = [teacher_forced_chain(sample, k) for k in range(world.num_turns) for sample in samples]
-    forced_report, forced_raw = evaluate_chains(policy, judge, forced, **common)
-    forced_successes = _turn1_successes(forced_raw["model"].scores, settings.threshold)
-    teacher_forced = []
-    for k in range(world.num_turns):
-        ok = [x for x in forced_successes[k * len(samples) : (k + 1) * len(samples)] if x is not None]
-        teacher_forced.append(100.0 * float(np.mean(ok)) if ok else math.nan)
+    teacher_forced = teacher_forced_success(
+        policy, judge, samples, world.num_turns, common, settings.threshold
+    )
     return {
         "settings": asdict(settings),
         "judge": {
