@@ -1,0 +1,366 @@
+"""Where does an editor's multi-turn loss come from? Exposure-bias diagnostics on the toy world.
+
+Exposure bias (DESIGN.md section 7) is a fall of marginal success M_k with k: a turn that edits the model's own
+output succeeds less often than one that edits a clean image. ``diagnose_exposure_bias`` separates the pieces on
+held-out chains, all with deterministic rollouts, the exact judge and the same per-chain noise:
+
+- **own output, through pixels**: the chains as users run them (turn k+1 edits turn k's decoded uint8 image).
+- **own output, through latents**: turn k+1 is conditioned on turn k's final latent as is
+  (``RolloutConfig.chain_through="latents"``). If decoding and re-encoding hid the editor's drift (a VAE that
+  snaps outputs back to clean renderings), M_k falls here and not through pixels.
+- **teacher forced**: each turn from the ground-truth previous scene, i.e. the turn's difficulty on clean input.
+- **pass quality**: how close to perfect the turns that pass are (IF = 5 and CC = 5 is a pixel-exact edit), and
+  the next turn's success after an imperfect pass vs after a near-perfect one. Imperfect passes are the only way
+  a successful turn can hand the next one a harder input.
+- **robustness**: single-turn success when Gaussian noise of standard deviation sigma is added to the source's
+  latent (the latents have unit scale), i.e. how far off the clean manifold an input must be to hurt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtflow.eval.evaluate import evaluate_chains
+from mtflow.toy.judge import SUCCESS_THRESHOLD, ToyJudge
+from mtflow.toy.prior import pair_chains, teacher_forced_successes
+from mtflow.toy.world import ToyWorld
+
+PERFECT_IF = 4.75
+"""IF at or above which a passing turn counts as near-perfect (the exact judge gives 5 to a pixel-exact edit)."""
+
+
+@dataclass
+class ExposureBiasSettings:
+    """What ``diagnose_exposure_bias`` measures on."""
+
+    num_chains: int = 600
+    """held-out K-turn chains (world.chain(i, "heldout"), i < num_chains)."""
+    num_pairs: int = 300
+    """held-out single-turn pairs for the robustness curve."""
+    source_noise: tuple[float, ...] = (0.0, 0.2, 0.4, 0.8)
+    """standard deviations of the Gaussian noise added to the source latent."""
+    num_steps: int = 10
+    """deterministic sampler steps per turn."""
+    seed: int = 0
+    """evaluation seed (per-chain noise; also seeds the source-latent noise)."""
+    batch_size: int = 100
+    """chains per evaluation rollout."""
+    forward_batch_size: int = 100
+    """samples per transformer call."""
+    threshold: float = SUCCESS_THRESHOLD
+    """IF score that counts as a successful turn."""
+    perfect_if: float = PERFECT_IF
+    """IF at or above which a pass counts as near-perfect."""
+    num_bootstrap: int = 200
+    """bootstrap resamples of the confidence intervals."""
+
+
+def next_turn_success_by_pass_quality(
+    instruction_following: np.ndarray, threshold: float, perfect_if: float
+) -> list[dict[str, Any]]:
+    """Success of turn k+1 among chains whose turns 1..k all passed, split by how well turn k passed.
+
+    Args:
+        instruction_following: [N, K] IF scores (1-5) of N fully scored chains.
+        threshold: IF that counts as a pass; perfect_if: IF at or above which a pass is near-perfect.
+
+    Returns:
+        K - 1 dicts (turn k+1 = 2..K): ``{"turn", "after_imperfect", "after_perfect", "num_imperfect",
+        "num_perfect"}``, success rates in percent (NaN when the group is empty).
+    """
+    scores = np.asarray(instruction_following, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"instruction_following must be [N, K], got shape {scores.shape}")
+    passed = scores >= threshold
+    rows = []
+    for k in range(scores.shape[1] - 1):
+        alive = passed[:, : k + 1].all(axis=1)
+        perfect = alive & (scores[:, k] >= perfect_if)
+        imperfect = alive & ~perfect
+        rows.append(
+            {
+                "turn": k + 2,
+                "after_imperfect": _percent(passed[imperfect, k + 1]),
+                "after_perfect": _percent(passed[perfect, k + 1]),
+                "num_imperfect": int(imperfect.sum()),
+                "num_perfect": int(perfect.sum()),
+            }
+        )
+    return rows
+
+
+def pass_quality(
+    instruction_following: np.ndarray, content_consistency: np.ndarray, threshold: float, perfect_if: float
+) -> list[dict[str, Any]]:
+    """Per turn, among the turns that pass: the share with IF >= ``perfect_if``, and the median CC (1-5).
+
+    Args:
+        instruction_following, content_consistency: [N, K] judge scores of N fully scored chains.
+
+    Returns:
+        K dicts ``{"turn", "num_passed", "perfect_share", "median_cc"}`` (percent; NaN when nothing passed).
+    """
+    if_scores = np.asarray(instruction_following, dtype=np.float64)
+    cc_scores = np.asarray(content_consistency, dtype=np.float64)
+    if if_scores.shape != cc_scores.shape or if_scores.ndim != 2:
+        raise ValueError(f"IF and CC must both be [N, K], got {if_scores.shape} and {cc_scores.shape}")
+    rows = []
+    for k in range(if_scores.shape[1]):
+        passed = if_scores[:, k] >= threshold
+        rows.append(
+            {
+                "turn": k + 1,
+                "num_passed": int(passed.sum()),
+                "perfect_share": _percent(if_scores[passed, k] >= perfect_if),
+                "median_cc": float(np.median(cc_scores[passed, k])) if passed.any() else math.nan,
+            }
+        )
+    return rows
+
+
+def paired_turn_gap(
+    own_success: np.ndarray, forced_success: np.ndarray, num_bootstrap: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Exposure bias turn by turn, paired: among the chains whose own turns 1..k-1 all succeeded, turn k's
+    success on the model's own previous output minus its success from the ground-truth previous scene (same
+    chain, same noise), with a percentile bootstrap 95 % interval over chains.
+
+    Args:
+        own_success: [N, K] 1.0 / 0.0 per chained turn (NaN: unscored).
+        forced_success: [N, K] 1.0 / 0.0 per teacher-forced turn (NaN: unscored).
+
+    Returns:
+        K dicts ``{"turn", "num_chains", "own", "forced", "gap", "gap_ci_low", "gap_ci_high"}`` in percent (NaN
+        when no chain qualifies).
+    """
+    own = np.asarray(own_success, dtype=np.float64)
+    forced = np.asarray(forced_success, dtype=np.float64)
+    if own.shape != forced.shape or own.ndim != 2:
+        raise ValueError(f"own and forced successes must both be [N, K], got {own.shape} and {forced.shape}")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(own.shape[1]):
+        alive = np.ones(own.shape[0], dtype=bool) if k == 0 else (own[:, :k] == 1.0).all(axis=1)
+        valid = alive & ~np.isnan(own[:, k]) & ~np.isnan(forced[:, k])
+        pairs = own[valid, k] - forced[valid, k]
+        row = {"turn": k + 1, "num_chains": int(valid.sum()), "own": _percent(own[valid, k])}
+        row["forced"] = _percent(forced[valid, k])
+        row["gap"] = 100.0 * float(pairs.mean()) if pairs.size else math.nan
+        if pairs.size and num_bootstrap > 0:
+            means = pairs[rng.integers(0, pairs.size, size=(num_bootstrap, pairs.size))].mean(axis=1)
+            low, high = np.quantile(means, [0.025, 0.975])
+            row["gap_ci_low"], row["gap_ci_high"] = 100.0 * float(low), 100.0 * float(high)
+        else:
+            row["gap_ci_low"] = row["gap_ci_high"] = math.nan
+        rows.append(row)
+    return rows
+
+
+def _percent(flags: np.ndarray) -> float:
+    return 100.0 * float(np.mean(flags)) if flags.size else math.nan
+
+
+@contextlib.contextmanager
+def noisy_source_latents(policy, sigma: float, generator: torch.Generator) -> Iterator[None]:
+    """Within the block, ``policy.encode_reference`` returns latent + sigma * N(0, I) (draws from ``generator``).
+
+    Only the source is encoded through it in a 1-turn rollout, so this perturbs exactly the edited image.
+    """
+    encode = policy.encode_reference
+
+    def noisy(pixels: torch.Tensor) -> torch.Tensor:
+        latents = encode(pixels)
+        if sigma == 0.0:
+            return latents
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+        return latents + sigma * noise.to(latents.device)
+
+    shadowed = vars(policy).get("encode_reference")  # an instance-level override to put back, if any
+    policy.encode_reference = noisy
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del policy.encode_reference  # back to the class's method
+        else:
+            policy.encode_reference = shadowed
+
+
+@dataclass
+class ChainCondition:
+    """One way of running the held-out chains, as measured."""
+
+    per_turn_success: list[float]
+    cumulative_success: list[float]
+    marginal_success: list[float]
+    consistency: list[float]
+    exposure_bias: dict[str, float | None]
+    next_turn: list[dict[str, Any]] = field(default_factory=list)
+    pass_quality: list[dict[str, Any]] = field(default_factory=list)
+    success: np.ndarray | None = field(default=None, repr=False)
+    """[N, K] 1.0 / 0.0 per turn in chain order, NaN where unscored (not serialised)."""
+
+
+def _run_chains(
+    policy, judge, chains, settings: ExposureBiasSettings, adapter, chain_through: str
+) -> ChainCondition:
+    report, raw = evaluate_chains(
+        policy,
+        judge,
+        chains,
+        conditions=["model"],
+        model_adapter=adapter,
+        num_steps=settings.num_steps,
+        batch_size=settings.batch_size,
+        forward_batch_size=settings.forward_batch_size,
+        seed=settings.seed,
+        threshold=settings.threshold,
+        num_bootstrap=settings.num_bootstrap,
+        keep_items=0,
+        chain_through=chain_through,
+    )
+    metrics = report.conditions["model"]
+    scores = raw["model"].scores
+    complete = scores.scored.all(dim=1).numpy()
+    success = np.where(
+        scores.scored.numpy(),
+        (scores.instruction_following.numpy() >= settings.threshold).astype(float),
+        np.nan,
+    )
+    if_scores = scores.instruction_following.numpy()[complete]
+    cc_scores = scores.content_consistency.numpy()[complete]
+    return ChainCondition(
+        per_turn_success=[e.value for e in metrics.success_rate],
+        cumulative_success=[e.value for e in metrics.cumulative_success],
+        marginal_success=[e.value for e in metrics.marginal_success],
+        consistency=[e.value for e in metrics.consistency],
+        exposure_bias=metrics.exposure_bias.to_dict(),
+        next_turn=next_turn_success_by_pass_quality(if_scores, settings.threshold, settings.perfect_if),
+        pass_quality=pass_quality(if_scores, cc_scores, settings.threshold, settings.perfect_if),
+        success=success,
+    )
+
+
+def diagnose_exposure_bias(
+    policy,
+    world: ToyWorld,
+    settings: ExposureBiasSettings | None = None,
+    judge: ToyJudge | None = None,
+    adapter: str | None = None,
+) -> dict[str, Any]:
+    """Every measurement of the module docstring on ``world``'s held-out split; a JSON-ready dict."""
+    settings = settings or ExposureBiasSettings()
+    judge = judge or ToyJudge()
+    started = time.perf_counter()
+    samples = [world.chain(i, "heldout") for i in range(settings.num_chains)]
+    chains = [sample.to_edit_chain() for sample in samples]
+    runs = {
+        mode: _run_chains(policy, judge, chains, settings, adapter, mode) for mode in ("pixels", "latents")
+    }
+    common = dict(
+        conditions=["model"],
+        model_adapter=adapter,
+        num_steps=settings.num_steps,
+        batch_size=settings.batch_size,
+        forward_batch_size=settings.forward_batch_size,
+        seed=settings.seed,
+        threshold=settings.threshold,
+        num_bootstrap=settings.num_bootstrap,
+        keep_items=0,
+    )
+    forced = teacher_forced_successes(policy, judge, samples, world.num_turns, common, settings.threshold)
+    paired = {
+        mode: paired_turn_gap(run.success, forced, settings.num_bootstrap, settings.seed)
+        for mode, run in runs.items()
+    }
+    conditions = {
+        mode: {k: v for k, v in asdict(run).items() if k != "success"} for mode, run in runs.items()
+    }
+    for mode in conditions:
+        conditions[mode]["paired_with_teacher_forced"] = paired[mode]
+
+    pairs = pair_chains(world, settings.num_pairs)
+    robustness = []
+    for sigma in settings.source_noise:
+        generator = torch.Generator().manual_seed(settings.seed)
+        with noisy_source_latents(policy, sigma, generator):
+            report, _ = evaluate_chains(policy, judge, pairs, **common)
+        metrics = report.conditions["model"]
+        robustness.append(
+            {
+                "sigma": sigma,
+                "success": metrics.cumulative_success[0].value,
+                "mean_if": metrics.mean_if[0].value,
+                "consistency": metrics.consistency[0].value,
+            }
+        )
+    return {
+        "settings": asdict(settings),
+        "num_turns": world.num_turns,
+        "own_output_through_pixels": conditions["pixels"],
+        "own_output_through_latents": conditions["latents"],
+        "teacher_forced_success": [
+            100.0 * float(np.nanmean(forced[:, k])) if (~np.isnan(forced[:, k])).any() else math.nan
+            for k in range(world.num_turns)
+        ],
+        "source_noise_robustness": robustness,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def format_diagnosis(diagnosis: dict[str, Any]) -> str:
+    """A plain-text table of ``diagnose_exposure_bias``'s result."""
+    turns = diagnosis["num_turns"]
+    head = "| measurement | " + " | ".join(f"turn {k + 1}" for k in range(turns)) + " | M_1 - M_K [95% CI] |"
+    lines = [head, "|" + " --- |" * (turns + 2)]
+
+    def row(name: str, values: Sequence[float], bias: str = "") -> None:
+        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in values) + f" | {bias} |")
+
+    for mode in ("pixels", "latents"):
+        c = diagnosis[f"own_output_through_{mode}"]
+        b = c["exposure_bias"]
+        bias = f"{_fmt(b['value'])} [{_fmt(b['ci_low'])}, {_fmt(b['ci_high'])}]"
+        row(f"marginal success M_k, own output through {mode}", c["marginal_success"], bias)
+        row(f"per-turn success, own output through {mode}", c["per_turn_success"])
+        row(f"passes that are near-perfect (through {mode})", [q["perfect_share"] for q in c["pass_quality"]])
+    row("per-turn success, teacher forced", diagnosis["teacher_forced_success"])
+    for mode in ("pixels", "latents"):
+        gaps = diagnosis[f"own_output_through_{mode}"]["paired_with_teacher_forced"]
+        lines.append(
+            f"| paired gap own ({mode}) - teacher forced, chains alive so far [95% CI] | "
+            + " | ".join(
+                f"{_fmt(g['gap'])} [{_fmt(g['gap_ci_low'])}, {_fmt(g['gap_ci_high'])}]" for g in gaps
+            )
+            + " | |"
+        )
+    pixels = diagnosis["own_output_through_pixels"]
+    row(
+        "next turn's success after an imperfect pass",
+        [math.nan] + [r["after_imperfect"] for r in pixels["next_turn"]],
+    )
+    row(
+        "next turn's success after a near-perfect pass",
+        [math.nan] + [r["after_perfect"] for r in pixels["next_turn"]],
+    )
+    row("imperfect passes (count)", [math.nan] + [r["num_imperfect"] for r in pixels["next_turn"]])
+    noise = ", ".join(
+        f"sigma {r['sigma']:g}: {_fmt(r['success'])}" for r in diagnosis["source_noise_robustness"]
+    )
+    lines.append("")
+    lines.append(f"single-turn success with noise on the source latent: {noise}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
