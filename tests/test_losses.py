@@ -16,6 +16,7 @@ from mtflow.losses import (
     grpo_loss,
     nft_loss,
     old_adapter_decay,
+    sampling_adapter,
     soft_update_,
 )
 
@@ -408,6 +409,14 @@ def test_nft_toy_rl_loop_with_old_policy_soft_update_reaches_the_rewarded_region
 
 
 # -------------------------------------------------------------------------------------- parameter averaging
+
+
+def test_sampling_adapter_matches_the_trainer_adapters():
+    from mtflow.training.module import OLD, TRAINED
+
+    assert sampling_adapter("grpo") == TRAINED and sampling_adapter("nft") == OLD
+    with pytest.raises(ValueError, match="grpo"):
+        sampling_adapter("ppo")
 
 
 def test_old_adapter_decay_schedule():

@@ -24,7 +24,15 @@ import torch
 
 from mtflow.advantage import AdvantageConfig, compute_advantages
 from mtflow.data.records import EditChain
-from mtflow.losses import GRPOConfig, NFTConfig, grpo_loss, nft_loss, old_adapter_decay, soft_update_
+from mtflow.losses import (
+    GRPOConfig,
+    NFTConfig,
+    grpo_loss,
+    nft_loss,
+    old_adapter_decay,
+    sampling_adapter,
+    soft_update_,
+)
 from mtflow.models.base import TextEmbeddings
 from mtflow.reward.base import Scorer
 from mtflow.rollout import STORE_DTYPES, Rollout, RolloutConfig, pixels_to_uint8
@@ -290,7 +298,7 @@ class NaiveLoop:
         from mtflow.training.module import scoring_items
 
         started = time.perf_counter()
-        adapter = "old" if self.loss == "nft" else "default"
+        adapter = sampling_adapter(self.loss)
         self.policy.eval()
         result = naive_rollout(self.policy, chains, self.rollout_config, generator, adapter=adapter)
         judged = time.perf_counter()

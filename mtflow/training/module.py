@@ -29,7 +29,14 @@ from mtflow.data.records import EditChain
 from mtflow.eval.evaluate import CONDITIONS, ConditionScores, build_report, rollout_and_score, scoring_items
 from mtflow.eval.metrics import MULTI_TURN, SINGLE_TURN_MERGED
 from mtflow.kernels import grpo_loss, nft_loss
-from mtflow.losses import GRPOConfig, NFTConfig, ema_update_, old_adapter_decay, soft_update_
+from mtflow.losses import (
+    GRPOConfig,
+    NFTConfig,
+    ema_update_,
+    old_adapter_decay,
+    sampling_adapter,
+    soft_update_,
+)
 from mtflow.models.kontext import KontextPolicy
 from mtflow.reward.base import ScoreBatch, Scorer, ScoringItem
 from mtflow.rollout import (
@@ -211,7 +218,7 @@ class FlowRLModule(L.LightningModule):
 
     @property
     def sampling_adapter(self) -> str:
-        return OLD if self.loss_type == "nft" else TRAINED
+        return sampling_adapter(self.loss_type)
 
     @property
     def eval_adapter(self) -> str:
