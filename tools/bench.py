@@ -59,6 +59,7 @@ from mtflow.bench.projection import (
     rollout_storage_bytes,
 )
 from mtflow.bench.timing import count_calls, fit_line, time_calls
+from mtflow.losses import sampling_adapter
 from mtflow.rollout import RolloutConfig, rollout
 from mtflow.testing.scorers import BrightnessScorer
 from mtflow.training.module import scoring_items
@@ -155,7 +156,7 @@ def time_passes(ctx: Context, shape: IterationShape) -> tuple[dict[str, float], 
     timer = PassTimer(ctx.policy, repeats=a.pass_repeats)
     items = judge_items(ctx)
     judge_s = time_calls(lambda: BrightnessScorer().score(items), a.pass_repeats).median
-    sampling = "old" if shape.loss == "nft" else "default"
+    sampling = sampling_adapter(shape.loss)
     totals: dict[str, float] = {}
     for p in model_passes(shape):
         if p.name == "judge":
@@ -197,7 +198,7 @@ def loss_modes(ctx: Context) -> Section:
                 ctx.policy, ctx.chains, a.chains, {**ctx.base, **extra}, a.repeats, a.warmup, count=(r == 0)
             )
             if r == 0:
-                adapter = "old" if shape.loss == "nft" else "default"
+                adapter = sampling_adapter(shape.loss)
                 expected = expected_calls(model_passes(shape), adapter)
                 if run.calls != expected:
                     raise AssertionError(
@@ -472,7 +473,7 @@ def optimisations(ctx: Context) -> Section:
     )
     res["batching"] = {"batch1": t_one, "batched": t_f}
     log("optimisations: bf16 storage (alternating iterations)")
-    store = run_iterations(
+    alternating = run_iterations(
         policy,
         chains,
         a.chains,
@@ -480,11 +481,14 @@ def optimisations(ctx: Context) -> Section:
         a.repeats,
         a.warmup,
         variants=["store_float32", "store_bfloat16"],
-    ).split()
+    )
+    store = alternating.split()
     fp32 = ctx.runs["grpo"]
     state_bytes = fp32.rollout_bytes["states"] + fp32.rollout_bytes["next_states"]
-    # the same tensors at 2 bytes per element (the fit above ended on a bf16 iteration: checked in the report)
-    state_bf16 = state_bytes // 2
+    # measured on the alternating fit's last rollout, which must be a bf16 one
+    if alternating.variants[-1] != "store_bfloat16":
+        raise RuntimeError(f"the alternating storage fit ended on {alternating.variants[-1]!r}, not bf16")
+    state_bf16 = alternating.rollout_bytes["states"] + alternating.rollout_bytes["next_states"]
     f32_s, bf16_s = store["store_float32"].iteration_s, store["store_bfloat16"].iteration_s
     rows.append(
         [
