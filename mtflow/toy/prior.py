@@ -11,7 +11,9 @@ Training (DESIGN.md section 2): for a pair (y_src, c, y_tgt) with clean latents 
 (VAE posterior mode, ``(z - shift) * scale``, packed), draw sigma from a logit-normal and eps ~ N(0, I),
 x_sigma = (1 - sigma) x0 + sigma eps, and minimise mean ||v_theta(x_sigma, sigma, x_ref, c) - (eps - x0)||^2.
 The transformer receives ``timestep = sigma`` (what the pipeline passes). The prior only ever sees clean
-renderings as references, never its own outputs: multi-turn chains then show exposure bias.
+renderings as references, never its own outputs. Whether chains on its own outputs then show exposure bias is
+measured by ``mtflow.toy.diagnostics`` (for the shipped prior they do not: its passing turns are pixel-exact; README,
+"Exposure bias").
 
 Latents of clean renderings are a pure function of the scene, so they are cached by scene key (the world has a
 few tens of thousands of scenes): the VAE encodes each scene once per run.
