@@ -62,14 +62,16 @@ def scoring_items(result: Rollout) -> list[ScoringItem]:
     return items
 
 
+def eval_generator(chain_id: str, seed: int, device: torch.device | str) -> torch.Generator:
+    """The evaluation generator of one chain: seeded by (seed, chain id) only."""
+    return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}/eval/{chain_id}".encode()))
+
+
 def eval_generators(
     chains: Sequence[EditChain], seed: int, device: torch.device | str
 ) -> list[torch.Generator]:
     """Fixed noise per chain (independent of iteration, batch and condition): evaluations are paired."""
-    return [
-        torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}/eval/{c.chain_id}".encode()))
-        for c in chains
-    ]
+    return [eval_generator(c.chain_id, seed, device) for c in chains]
 
 
 def paired_eval_generators(
@@ -81,9 +83,7 @@ def paired_eval_generators(
     model's own chained turns, so the two differ only in their input image."""
     generators = []
     for chain_id, turn in noise_from:
-        generator = torch.Generator(device=policy.device).manual_seed(
-            zlib.crc32(f"{seed}/eval/{chain_id}".encode())
-        )
+        generator = eval_generator(chain_id, seed, policy.device)
         for _ in range(turn):
             policy.initial_noise(1, generator)
         generators.append(generator)
