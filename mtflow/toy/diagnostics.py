@@ -30,7 +30,13 @@ import torch
 
 from mtflow.eval.evaluate import evaluate_chains
 from mtflow.toy.judge import SUCCESS_THRESHOLD, ToyJudge
-from mtflow.toy.prior import pair_chains, teacher_forced_successes
+from mtflow.toy.prior import (
+    evaluation_kwargs,
+    pair_chains,
+    success_rates,
+    teacher_forced_successes,
+    turn_successes,
+)
 from mtflow.toy.world import ToyWorld
 
 PERFECT_IF = 4.75
@@ -205,39 +211,20 @@ class ChainCondition:
     exposure_bias: dict[str, float | None]
     next_turn: list[dict[str, Any]] = field(default_factory=list)
     pass_quality: list[dict[str, Any]] = field(default_factory=list)
-    success: np.ndarray | None = field(default=None, repr=False)
-    """[N, K] 1.0 / 0.0 per turn in chain order, NaN where unscored (not serialised)."""
+    paired_with_teacher_forced: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _run_chains(
-    policy, judge, chains, settings: ExposureBiasSettings, adapter, chain_through: str
-) -> ChainCondition:
-    report, raw = evaluate_chains(
-        policy,
-        judge,
-        chains,
-        conditions=["model"],
-        model_adapter=adapter,
-        num_steps=settings.num_steps,
-        batch_size=settings.batch_size,
-        forward_batch_size=settings.forward_batch_size,
-        seed=settings.seed,
-        threshold=settings.threshold,
-        num_bootstrap=settings.num_bootstrap,
-        keep_items=0,
-        chain_through=chain_through,
-    )
+    policy, judge, chains, evaluate_kwargs: dict, settings: ExposureBiasSettings, chain_through: str
+) -> tuple[ChainCondition, np.ndarray]:
+    """The chains run one way; also returns the [N, K] 1.0 / 0.0 / NaN per-turn successes in chain order."""
+    report, raw = evaluate_chains(policy, judge, chains, chain_through=chain_through, **evaluate_kwargs)
     metrics = report.conditions["model"]
     scores = raw["model"].scores
     complete = scores.scored.all(dim=1).numpy()
-    success = np.where(
-        scores.scored.numpy(),
-        (scores.instruction_following.numpy() >= settings.threshold).astype(float),
-        np.nan,
-    )
     if_scores = scores.instruction_following.numpy()[complete]
     cc_scores = scores.content_consistency.numpy()[complete]
-    return ChainCondition(
+    condition = ChainCondition(
         per_turn_success=[e.value for e in metrics.success_rate],
         cumulative_success=[e.value for e in metrics.cumulative_success],
         marginal_success=[e.value for e in metrics.marginal_success],
@@ -245,8 +232,8 @@ def _run_chains(
         exposure_bias=metrics.exposure_bias.to_dict(),
         next_turn=next_turn_success_by_pass_quality(if_scores, settings.threshold, settings.perfect_if),
         pass_quality=pass_quality(if_scores, cc_scores, settings.threshold, settings.perfect_if),
-        success=success,
     )
+    return condition, turn_successes(scores, settings.threshold)
 
 
 def diagnose_exposure_bias(
@@ -262,30 +249,15 @@ def diagnose_exposure_bias(
     started = time.perf_counter()
     samples = [world.chain(i, "heldout") for i in range(settings.num_chains)]
     chains = [sample.to_edit_chain() for sample in samples]
-    runs = {
-        mode: _run_chains(policy, judge, chains, settings, adapter, mode) for mode in ("pixels", "latents")
-    }
-    common = dict(
-        conditions=["model"],
-        model_adapter=adapter,
-        num_steps=settings.num_steps,
-        batch_size=settings.batch_size,
-        forward_batch_size=settings.forward_batch_size,
-        seed=settings.seed,
-        threshold=settings.threshold,
-        num_bootstrap=settings.num_bootstrap,
-        keep_items=0,
-    )
+    common = evaluation_kwargs(settings, adapter)
     forced = teacher_forced_successes(policy, judge, samples, world.num_turns, common, settings.threshold)
-    paired = {
-        mode: paired_turn_gap(run.success, forced, settings.num_bootstrap, settings.seed)
-        for mode, run in runs.items()
-    }
-    conditions = {
-        mode: {k: v for k, v in asdict(run).items() if k != "success"} for mode, run in runs.items()
-    }
-    for mode in conditions:
-        conditions[mode]["paired_with_teacher_forced"] = paired[mode]
+    conditions = {}
+    for mode in ("pixels", "latents"):
+        condition, success = _run_chains(policy, judge, chains, common, settings, mode)
+        condition.paired_with_teacher_forced = paired_turn_gap(
+            success, forced, settings.num_bootstrap, settings.seed
+        )
+        conditions[mode] = asdict(condition)
 
     pairs = pair_chains(world, settings.num_pairs)
     robustness = []
@@ -307,10 +279,7 @@ def diagnose_exposure_bias(
         "num_turns": world.num_turns,
         "own_output_through_pixels": conditions["pixels"],
         "own_output_through_latents": conditions["latents"],
-        "teacher_forced_success": [
-            100.0 * float(np.nanmean(forced[:, k])) if (~np.isnan(forced[:, k])).any() else math.nan
-            for k in range(world.num_turns)
-        ],
+        "teacher_forced_success": success_rates(forced),
         "source_noise_robustness": robustness,
         "seconds": time.perf_counter() - started,
     }

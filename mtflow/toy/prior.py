@@ -424,11 +424,36 @@ def teacher_forced_chain(sample: ToyChainSample, turn: int) -> EditChain:
     return one.to_edit_chain()
 
 
-def _turn1_successes(scores, threshold: float) -> list[float | None]:
-    """Per row of ``scores`` (rows follow the evaluated chains' order): 1.0 / 0.0 whether turn 1 reached
-    ``threshold``, None where the judge could not score it."""
-    reached = (scores.instruction_following[:, 0] >= threshold).tolist()
-    return [float(r) if scored else None for r, scored in zip(reached, scores.scored[:, 0].tolist())]
+def turn_successes(scores, threshold: float) -> np.ndarray:
+    """[N, K] float64 from a ``ScoreBatch`` (rows follow the evaluated chains' order): 1.0 / 0.0 whether turn k
+    reached ``threshold``, NaN where the judge could not score it."""
+    reached = (scores.instruction_following >= threshold).numpy().astype(np.float64)
+    return np.where(scores.scored.numpy(), reached, np.nan)
+
+
+def success_rates(successes: np.ndarray) -> list[float]:
+    """Per column of [N, K] 1.0 / 0.0 / NaN successes: the percent of scored rows that succeeded (NaN if none)."""
+    rates = []
+    for column in np.asarray(successes, dtype=np.float64).T:
+        scored = column[~np.isnan(column)]
+        rates.append(100.0 * float(scored.mean()) if scored.size else math.nan)
+    return rates
+
+
+def evaluation_kwargs(settings: HeldOutSettings | Any, adapter: str | None) -> dict[str, Any]:
+    """``evaluate_chains`` keywords of a deterministic, model-only evaluation from ``settings`` (any object with
+    ``num_steps``, ``batch_size``, ``forward_batch_size``, ``seed``, ``threshold`` and ``num_bootstrap``)."""
+    return dict(
+        conditions=["model"],
+        model_adapter=adapter,
+        num_steps=settings.num_steps,
+        batch_size=settings.batch_size,
+        forward_batch_size=settings.forward_batch_size,
+        seed=settings.seed,
+        threshold=settings.threshold,
+        num_bootstrap=settings.num_bootstrap,
+        keep_items=0,
+    )
 
 
 def teacher_forced_successes(
@@ -443,22 +468,8 @@ def teacher_forced_successes(
     forced = [teacher_forced_chain(sample, k) for k in range(num_turns) for sample in samples]
     noise_from = [(sample.chain_id, k) for k in range(num_turns) for sample in samples]
     _, forced_raw = evaluate_chains(policy, judge, forced, noise_from=noise_from, **evaluate_kwargs)
-    successes = _turn1_successes(forced_raw["model"].scores, threshold)
-    flat = np.array([math.nan if x is None else x for x in successes], dtype=np.float64)
-    return flat.reshape(num_turns, len(samples)).T
-
-
-def teacher_forced_success(
-    policy, judge, samples: Sequence[ToyChainSample], num_turns: int, evaluate_kwargs: dict, threshold: float
-) -> list[float]:
-    """Per turn k, the percent of ``samples`` whose turn k succeeds from the ground-truth previous scene
-    (``teacher_forced_successes``; unscored turns left out)."""
-    successes = teacher_forced_successes(policy, judge, samples, num_turns, evaluate_kwargs, threshold)
-    rates = []
-    for k in range(num_turns):
-        scored = successes[:, k][~np.isnan(successes[:, k])]
-        rates.append(100.0 * float(scored.mean()) if scored.size else math.nan)
-    return rates
+    first_turns = turn_successes(forced_raw["model"].scores, threshold)[:, 0]
+    return first_turns.reshape(num_turns, len(samples)).T
 
 
 def evaluate_prior(
@@ -477,24 +488,14 @@ def evaluate_prior(
 
     settings = settings or HeldOutSettings()
     judge = judge or ToyJudge()
-    common = dict(
-        conditions=["model"],
-        model_adapter=adapter,
-        num_steps=settings.num_steps,
-        batch_size=settings.batch_size,
-        forward_batch_size=settings.forward_batch_size,
-        seed=settings.seed,
-        threshold=settings.threshold,
-        num_bootstrap=settings.num_bootstrap,
-        keep_items=0,
-    )
+    common = evaluation_kwargs(settings, adapter)
     started = time.perf_counter()
     pairs = pair_chains(world, settings.num_pairs)
     single, single_raw = evaluate_chains(policy, judge, pairs, **common)
     per_type: dict[str, list[float]] = {}
-    for chain, success in zip(pairs, _turn1_successes(single_raw["model"].scores, settings.threshold)):
-        if success is not None:
-            per_type.setdefault(chain.edit_types[0], []).append(success)
+    for chain, success in zip(pairs, turn_successes(single_raw["model"].scores, settings.threshold)[:, 0]):
+        if not np.isnan(success):
+            per_type.setdefault(chain.edit_types[0], []).append(float(success))
     single_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -508,8 +509,8 @@ def evaluate_prior(
     # The same turns from the ground-truth previous scene (teacher forcing): what each turn achieves when it does
     # not edit the model's own output. Own-output per-turn success below this is exposure bias + carried-over error.
     started = time.perf_counter()
-    teacher_forced = teacher_forced_success(
-        policy, judge, samples, world.num_turns, common, settings.threshold
+    teacher_forced = success_rates(
+        teacher_forced_successes(policy, judge, samples, world.num_turns, common, settings.threshold)
     )
     return {
         "settings": asdict(settings),
