@@ -9,6 +9,7 @@ with both diffusers refuses the file (stack-traps.md, "LoRA export").
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -50,8 +51,11 @@ def save_lora(tensors: dict[str, torch.Tensor], output_dir: str | Path) -> Path:
     return path
 
 
-def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, adapter: str = "default") -> Path:
-    """Read an ``mtflow fit`` checkpoint and write the chosen adapter for diffusers / ComfyUI."""
+def checkpoint_adapter(
+    ckpt_path: str | Path, adapter: str = "default"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an ``mtflow fit`` checkpoint once: the chosen adapter in diffusers' format, and the checkpoint's
+    ``mtflow`` section (adapters, LoRA rank / alpha / targets, pretrained base)."""
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
@@ -61,8 +65,12 @@ def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, adapter: st
         raise ValueError(f"{ckpt_path} was not written by mtflow fit (no 'mtflow' section)")
     if adapter not in info.get("adapters", []):
         raise ValueError(f"{ckpt_path} has adapters {info.get('adapters')}, not {adapter!r}")
-    tensors = lora_state_to_diffusers(checkpoint["state_dict"], adapter, info["lora"]["alpha"])
-    return save_lora(tensors, output_dir)
+    return lora_state_to_diffusers(checkpoint["state_dict"], adapter, info["lora"]["alpha"]), info
+
+
+def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, adapter: str = "default") -> Path:
+    """Read an ``mtflow fit`` checkpoint and write the chosen adapter for diffusers / ComfyUI."""
+    return save_lora(checkpoint_adapter(ckpt_path, adapter)[0], output_dir)
 
 
 def export_policy(policy, output_dir: str | Path, adapter: str = "default") -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mtflow.export import export_checkpoint
+from mtflow.export import checkpoint_adapter, save_lora
 from mtflow.toy.diagnostics import ExposureBiasSettings, diagnose_exposure_bias, format_diagnosis
 from mtflow.toy.prior import PRIOR_ASSET, json_ready, load_prior_policy, write_json
 from mtflow.toy.world import ToyWorld
@@ -62,11 +62,7 @@ def load_policy(prior: str, checkpoint: Path | None, adapter: str):
     policy and the adapter to sample with (None: the bare model)."""
     if checkpoint is None:
         return load_prior_policy(prior), None
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    info = torch.load(checkpoint, map_location="cpu", weights_only=True).get("mtflow")
-    if info is None:
-        raise ValueError(f"{checkpoint} was not written by mtflow fit (no 'mtflow' section)")
+    tensors, info = checkpoint_adapter(checkpoint, adapter)  # one read; validates the file and the adapter
     lora = info["lora"]
     policy = load_prior_policy(
         info.get("pretrained", prior),
@@ -75,7 +71,7 @@ def load_policy(prior: str, checkpoint: Path | None, adapter: str):
         lora_targets=lora["targets"],
     )
     with tempfile.TemporaryDirectory() as folder:
-        policy.load_lora_file(export_checkpoint(checkpoint, folder, adapter=adapter))
+        policy.load_lora_file(save_lora(tensors, folder))
     return policy, "default"
 
 
