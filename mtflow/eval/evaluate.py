@@ -140,9 +140,7 @@ def rollout_and_score(
     )
     if noise_from is None:
         generators = eval_generators(chains, seed, policy.device)
-    else:
-        if len(noise_from) != len(chains):
-            raise ValueError(f"noise_from has {len(noise_from)} entries for {len(chains)} chains")
+    else:  # a length mismatch is refused by rollout (one generator per chain)
         generators = paired_eval_generators(policy, noise_from, seed)
     result = rollout(policy, chains, config, generator=generators, adapter=adapter)
     items = scoring_items(result)
