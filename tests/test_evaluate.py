@@ -38,7 +38,7 @@ def _test(config_path, *extra):
     return main(["test", "--config", str(config_path), *extra])
 
 
-def test_report_of_a_checkpoint_matches_an_independent_evaluation(tiny_kontext_path, trained_run):
+def test_report_of_a_checkpoint_matches_an_independent_evaluation(tiny_kontext_path, trained_run, capsys):
     root, manifest, config_path, ckpt = trained_run
     cli = _test(config_path, "--ckpt_path", str(ckpt), "--model.eval_bootstrap=200")
     out = root / "trained" / "version_0" / "eval"  # test reuses the logger's folder (version 0)
@@ -66,7 +66,9 @@ def test_report_of_a_checkpoint_matches_an_independent_evaluation(tiny_kontext_p
         forward_batch_size=4,
         seed=0,
         num_bootstrap=0,
+        progress="independent run",  # a progress bar changes nothing but stderr
     )
+    assert "independent run" in capsys.readouterr().err
     for name in ("model", "base"):
         ours = report["conditions"][name]
         theirs = independent.conditions[name]

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = HeldOutSettings(
             num_pairs=args.eval_pairs, num_chains=args.eval_chains, num_steps=args.eval_steps
         )
-        heldout = evaluate_prior(reloaded, world, settings)
+        heldout = evaluate_prior(reloaded, world, settings, progress=True)
         heldout["pretrained"] = PRIOR_ASSET
         heldout["max_sequence_length"] = PRIOR_MAX_SEQUENCE_LENGTH
         heldout["world"] = world_args(world)
@@ -181,7 +181,7 @@ TEST_SUBSET = HeldOutSettings(
 def record_test_subset(policy, world: ToyWorld, threads: int) -> dict:
     """Held-out numbers of a small subset that ``tests/toy/test_prior.py`` reproduces exactly (same settings,
     same thread count)."""
-    result = evaluate_prior(policy, world, TEST_SUBSET)
+    result = evaluate_prior(policy, world, TEST_SUBSET, progress=True)
     result["multi_turn"].pop("report")
     result["torch_threads"] = threads
     return result

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from mtflow.data.records import EditChain
 from mtflow.eval.metrics import MULTI_TURN, SINGLE_TURN_MERGED, compute_eval_metrics, paired_final_difference
@@ -217,17 +218,26 @@ def evaluate_chains(
     info: dict | None = None,
     chain_through: str = "pixels",
     noise_from: Sequence[tuple[str, int]] | None = None,
+    progress: str | None = None,
 ) -> tuple[EvalReport, dict[str, ConditionScores]]:
     """Evaluate ``chains`` under each condition, ``batch_size`` chains per rollout; returns the report and the
     raw per-condition scores (with the first ``keep_items`` trajectories for an image grid). ``chain_through``:
     what turn k+1 is conditioned on (see ``RolloutConfig``; "pixels" is what users get). ``noise_from``: per
-    chain, whose noise to start from (``paired_eval_generators``; None: each chain's own)."""
+    chain, whose noise to start from (``paired_eval_generators``; None: each chain's own). ``progress``: a label
+    for a progress bar over the chains on stderr (None: silent)."""
     if noise_from is not None and len(noise_from) != len(chains):
         raise ValueError(f"noise_from has {len(noise_from)} entries for {len(chains)} chains")
     collected = {
         name: ConditionScores(kind=SINGLE_TURN_MERGED if name == "merged" else MULTI_TURN)
         for name in conditions
     }
+    bar = tqdm(
+        total=len(chains) * len(conditions),
+        desc=progress,
+        unit="chain",
+        disable=progress is None,
+        leave=False,
+    )
     for start in range(0, len(chains), batch_size):
         batch = list(chains[start : start + batch_size])
         for name in conditions:
@@ -245,6 +255,8 @@ def evaluate_chains(
                 noise_from=None if noise_from is None else noise_from[start : start + batch_size],
             )
             collected[name].add([c.chain_id for c in batch], scores, items, keep_items)
+            bar.update(len(batch))
+    bar.close()
     report = build_report(collected, threshold=threshold, num_bootstrap=num_bootstrap, seed=seed, info=info)
     return report, collected
 

@@ -456,6 +456,11 @@ def evaluation_kwargs(settings: HeldOutSettings | Any, adapter: str | None) -> d
     )
 
 
+def with_progress(evaluate_kwargs: dict[str, Any], label: str, show: bool) -> dict[str, Any]:
+    """``evaluate_kwargs`` plus ``evaluate_chains``'s progress-bar label (``show`` False: silent)."""
+    return {**evaluate_kwargs, "progress": label if show else None}
+
+
 def teacher_forced_successes(
     policy, judge, samples: Sequence[ToyChainSample], num_turns: int, evaluate_kwargs: dict, threshold: float
 ) -> np.ndarray:
@@ -478,9 +483,11 @@ def evaluate_prior(
     settings: HeldOutSettings | None = None,
     judge: ToyJudge | None = None,
     adapter: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Held-out numbers of an editor, through the trainer's ``evaluate_chains`` (deterministic rollouts, exact
     judge): single-turn success per edit type, and on K-turn chains the per-turn success, C_k, CC_k, O_k, M_k.
+    ``progress``: progress bars on stderr.
 
     Returns a JSON-ready dict (``settings`` included).
     """
@@ -491,7 +498,9 @@ def evaluate_prior(
     common = evaluation_kwargs(settings, adapter)
     started = time.perf_counter()
     pairs = pair_chains(world, settings.num_pairs)
-    single, single_raw = evaluate_chains(policy, judge, pairs, **common)
+    single, single_raw = evaluate_chains(
+        policy, judge, pairs, **with_progress(common, "single-turn pairs", progress)
+    )
     per_type: dict[str, list[float]] = {}
     for chain, success in zip(pairs, turn_successes(single_raw["model"].scores, settings.threshold)[:, 0]):
         if not np.isnan(success):
@@ -501,7 +510,7 @@ def evaluate_prior(
     started = time.perf_counter()
     samples = [world.chain(i, "heldout") for i in range(settings.num_chains)]
     chains = [sample.to_edit_chain() for sample in samples]
-    multi, _ = evaluate_chains(policy, judge, chains, **common)
+    multi, _ = evaluate_chains(policy, judge, chains, **with_progress(common, "chains", progress))
     metrics = multi.conditions["model"]
     type_counts = Counter(t for c in chains for t in c.edit_types)
     multi_seconds = time.perf_counter() - started
@@ -510,7 +519,14 @@ def evaluate_prior(
     # not edit the model's own output. Own-output per-turn success below this is exposure bias + carried-over error.
     started = time.perf_counter()
     teacher_forced = success_rates(
-        teacher_forced_successes(policy, judge, samples, world.num_turns, common, settings.threshold)
+        teacher_forced_successes(
+            policy,
+            judge,
+            samples,
+            world.num_turns,
+            with_progress(common, "teacher forced", progress),
+            settings.threshold,
+        )
     )
     return {
         "settings": asdict(settings),

@@ -206,7 +206,7 @@ class HeldOutEvaluation(L.Callback):
         self.enabled = enabled
         self.before: dict[str, Any] | None = None
 
-    def _evaluate(self, trainer, pl_module):
+    def _evaluate(self, trainer, pl_module, label: str):
         from mtflow.eval.evaluate import evaluate_chains
 
         source = trainer.datamodule.sources.get("val") if trainer.datamodule is not None else None
@@ -227,6 +227,8 @@ class HeldOutEvaluation(L.Callback):
             seed=pl_module.hparams.seed,
             threshold=pl_module.hparams.eval_threshold,
             num_bootstrap=200,
+            # a bar on rank 0 only, and only when the run shows one (enable_progress_bar=false stays quiet)
+            progress=label if trainer.is_global_zero and trainer.progress_bar_callback is not None else None,
         )
         return report, raw
 
@@ -234,7 +236,7 @@ class HeldOutEvaluation(L.Callback):
         folder = run_dir(trainer) / "eval"
         if not self.enabled or self.before is not None:
             return  # resumed: keep the prior's numbers from the checkpoint
-        result = self._evaluate(trainer, pl_module)
+        result = self._evaluate(trainer, pl_module, "held-out before RL")
         if result is None:
             return
         self.before = result[0].to_dict()
@@ -250,7 +252,7 @@ class HeldOutEvaluation(L.Callback):
         folder = run_dir(trainer) / "eval"
         if not self.enabled or self.before is None:
             return
-        result = self._evaluate(trainer, pl_module)
+        result = self._evaluate(trainer, pl_module, "held-out after RL")
         if result is None or not trainer.is_global_zero:
             return
         from mtflow.eval.evaluate import before_after_table
