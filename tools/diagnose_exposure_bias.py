@@ -5,8 +5,9 @@
     python tools/diagnose_exposure_bias.py --checkpoint runs/toy/version_0/checkpoints/last.ckpt  # after RL
 
 Prints a table (marginal and per-turn success on the model's own output through pixels and through latents,
-teacher-forced per-turn success, pass quality, next-turn success after imperfect vs near-perfect passes, and
-single-turn success with noise on the source latent), and writes ``exposure_bias.json`` and
+teacher-forced per-turn success, the paired gap, M_k - M_1 split into turn difficulty + survivorship + exposure,
+pass quality, next-turn success after imperfect vs near-perfect passes, and single-turn success with noise on the
+source latent), and writes ``exposure_bias.json`` and
 ``exposure_bias.png`` into ``--output``. About 7 minutes for 600 chains on 2 CPU cores.
 """
 
@@ -25,14 +26,15 @@ from mtflow.toy.world import ToyWorld
 
 
 def plot(diagnosis: dict, path: Path) -> Path:
-    """Per-turn success (own output through pixels / latents, teacher forced) and the noise-robustness curve."""
+    """Per-turn success (own output through pixels / latents, teacher forced), M_k - M_1 split into turn
+    difficulty, survivorship and exposure, and the noise-robustness curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     turns = list(range(1, diagnosis["num_turns"] + 1))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.6))
     for key, label, style in (
         ("own_output_through_pixels", "marginal M_k, own output (pixels)", "o-"),
         ("own_output_through_latents", "marginal M_k, own output (latents)", "s--"),
@@ -43,6 +45,23 @@ def plot(diagnosis: dict, path: Path) -> Path:
     left.set(xlabel="turn k", ylabel="success (%)", xticks=turns, title="Does success fall with k?")
     left.set_ylim(0, 100)
     left.legend(fontsize=8)
+    parts = diagnosis["own_output_through_pixels"]["marginal_change"]
+    later = [p["turn"] for p in parts]
+    width = 0.2
+    for offset, (key, label) in enumerate(
+        (
+            ("turn_difficulty", "turn difficulty (F_k - M_1)"),
+            ("survivorship", "survivorship (alive - all, forced)"),
+            ("exposure", "exposure (own - forced, alive)"),
+            ("marginal_change", "M_k - M_1 (their sum)"),
+        )
+    ):
+        middle.bar([k + (offset - 1.5) * width for k in later], [p[key] for p in parts], width, label=label)
+    middle.axhline(0, color="black", linewidth=0.8)
+    middle.set(
+        xlabel="turn k", ylabel="percentage points", xticks=later, title="Why M_k moves (through pixels)"
+    )
+    middle.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # bars fill the axes
     noise = diagnosis["source_noise_robustness"]
     right.plot([r["sigma"] for r in noise], [r["success"] for r in noise], "o-")
     right.set(
@@ -101,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = ExposureBiasSettings(
         num_chains=args.chains, num_pairs=args.pairs, num_steps=args.steps, seed=args.seed
     )
-    diagnosis = diagnose_exposure_bias(policy, world, settings, adapter=adapter)
+    diagnosis = diagnose_exposure_bias(policy, world, settings, adapter=adapter, progress=True)
     diagnosis["prior"] = str(args.prior)
     diagnosis["checkpoint"] = None if args.checkpoint is None else str(args.checkpoint)
     args.output.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,9 @@ held-out chains, all with deterministic rollouts, the exact judge and the same p
   a successful turn can hand the next one a harder input.
 - **robustness**: single-turn success when Gaussian noise of standard deviation sigma is added to the source's
   latent (the latents have unit scale), i.e. how far off the clean manifold an input must be to hurt.
+- **why M_k moves**: ``marginal_change_decomposition`` splits M_k - M_1 exactly into turn difficulty (turn k
+  on clean input vs turn 1), survivorship (the chains still alive at turn k are easier) and exposure (the paired
+  gap), so a survivorship gain that hides an exposure loss is seen, not guessed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from mtflow.toy.prior import (
     success_rates,
     teacher_forced_successes,
     turn_successes,
+    with_progress,
 )
 from mtflow.toy.world import ToyWorld
 
@@ -170,6 +174,45 @@ def paired_turn_gap(
     return rows
 
 
+def marginal_change_decomposition(
+    paired: Sequence[dict[str, Any]], teacher_forced_success: Sequence[float]
+) -> list[dict[str, Any]]:
+    """M_k - M_1 split into three parts that add up exactly, for every turn k >= 2 (percentage points).
+
+    With F_k the teacher-forced success of turn k on all chains, F_k|alive the same on the chains whose own
+    turns 1..k-1 passed, and M_k the own-output success on those chains (= C_k / C_{k-1}):
+
+        M_k - M_1 = (F_k - M_1)              turn difficulty: turn k's edits on clean input vs turn 1's
+                  + (F_k|alive - F_k)        survivorship: the chains still alive are easier than all chains
+                  + (M_k - F_k|alive)        exposure: own previous output vs ground truth (the paired gap)
+
+    Turn 1 needs no split: its teacher-forced and own runs are the same rollout, so F_1 = M_1.
+
+    Args:
+        paired: ``paired_turn_gap``'s K rows (``own`` and ``forced`` in percent).
+        teacher_forced_success: [K] F_k in percent, over all chains.
+
+    Returns:
+        K - 1 dicts ``{"turn", "marginal_change", "turn_difficulty", "survivorship", "exposure"}``.
+    """
+    if len(paired) != len(teacher_forced_success):
+        raise ValueError(f"{len(paired)} paired rows for {len(teacher_forced_success)} teacher-forced turns")
+    first = paired[0]["own"]
+    rows = []
+    for k in range(1, len(paired)):
+        alive_own, alive_forced, forced = paired[k]["own"], paired[k]["forced"], teacher_forced_success[k]
+        rows.append(
+            {
+                "turn": k + 1,
+                "marginal_change": alive_own - first,
+                "turn_difficulty": forced - first,
+                "survivorship": alive_forced - forced,
+                "exposure": alive_own - alive_forced,
+            }
+        )
+    return rows
+
+
 def _percent(flags: np.ndarray) -> float:
     return 100.0 * float(np.mean(flags)) if flags.size else math.nan
 
@@ -212,6 +255,7 @@ class ChainCondition:
     next_turn: list[dict[str, Any]] = field(default_factory=list)
     pass_quality: list[dict[str, Any]] = field(default_factory=list)
     paired_with_teacher_forced: list[dict[str, Any]] = field(default_factory=list)
+    marginal_change: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _run_chains(
@@ -242,20 +286,33 @@ def diagnose_exposure_bias(
     settings: ExposureBiasSettings | None = None,
     judge: ToyJudge | None = None,
     adapter: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Every measurement of the module docstring on ``world``'s held-out split; a JSON-ready dict."""
+    """Every measurement of the module docstring on ``world``'s held-out split; a JSON-ready dict.
+    ``progress``: progress bars on stderr."""
     settings = settings or ExposureBiasSettings()
     judge = judge or ToyJudge()
     started = time.perf_counter()
     samples = [world.chain(i, "heldout") for i in range(settings.num_chains)]
     chains = [sample.to_edit_chain() for sample in samples]
     common = evaluation_kwargs(settings, adapter)
-    forced = teacher_forced_successes(policy, judge, samples, world.num_turns, common, settings.threshold)
+    forced = teacher_forced_successes(
+        policy,
+        judge,
+        samples,
+        world.num_turns,
+        with_progress(common, "teacher forced", progress),
+        settings.threshold,
+    )
     conditions = {}
     for mode in ("pixels", "latents"):
-        condition, success = _run_chains(policy, judge, chains, common, settings, mode)
+        labelled = with_progress(common, f"own output through {mode}", progress)
+        condition, success = _run_chains(policy, judge, chains, labelled, settings, mode)
         condition.paired_with_teacher_forced = paired_turn_gap(
             success, forced, settings.num_bootstrap, settings.seed
+        )
+        condition.marginal_change = marginal_change_decomposition(
+            condition.paired_with_teacher_forced, success_rates(forced)
         )
         conditions[mode] = asdict(condition)
 
@@ -264,7 +321,9 @@ def diagnose_exposure_bias(
     for sigma in settings.source_noise:
         generator = torch.Generator().manual_seed(settings.seed)
         with noisy_source_latents(policy, sigma, generator):
-            report, _ = evaluate_chains(policy, judge, pairs, **common)
+            report, _ = evaluate_chains(
+                policy, judge, pairs, **with_progress(common, f"source noise {sigma:g}", progress)
+            )
         metrics = report.conditions["model"]
         robustness.append(
             {
@@ -311,6 +370,15 @@ def format_diagnosis(diagnosis: dict[str, Any]) -> str:
             )
             + " | |"
         )
+    for mode in ("pixels", "latents"):
+        parts = diagnosis[f"own_output_through_{mode}"]["marginal_change"]
+        for key, name in (
+            ("marginal_change", f"M_k - M_1, own output through {mode}"),
+            ("turn_difficulty", "  = turn difficulty (teacher forced, all chains: F_k - M_1)"),
+            ("survivorship", "  + survivorship (teacher forced, alive chains - all chains)"),
+            ("exposure", "  + exposure (paired gap, alive chains)"),
+        ):
+            row(name, [math.nan] + [p[key] for p in parts])
     pixels = diagnosis["own_output_through_pixels"]
     row(
         "next turn's success after an imperfect pass",

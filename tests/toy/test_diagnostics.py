@@ -13,6 +13,7 @@ from mtflow.toy.diagnostics import (
     ExposureBiasSettings,
     diagnose_exposure_bias,
     format_diagnosis,
+    marginal_change_decomposition,
     next_turn_success_by_pass_quality,
     noisy_source_latents,
     paired_turn_gap,
@@ -135,8 +136,17 @@ def test_diagnosis_agrees_with_the_prior_evaluation_on_the_same_chains(prior):
         robustness[0]["consistency"],
     )
     assert len(pixels["pass_quality"]) == 3 and len(pixels["next_turn"]) == 2
+    # the decomposition explains the reported M_k exactly
+    for mode in ("pixels", "latents"):
+        condition = diagnosis[f"own_output_through_{mode}"]
+        marginal = condition["marginal_success"]
+        for part in condition["marginal_change"]:
+            k = part["turn"] - 1
+            assert part["marginal_change"] == pytest.approx(marginal[k] - marginal[0], abs=1e-9)
+            parts = part["turn_difficulty"] + part["survivorship"] + part["exposure"]
+            assert parts == pytest.approx(part["marginal_change"], abs=1e-9)
     table = format_diagnosis(diagnosis)
-    assert "own output through latents" in table and "sigma 0.8" in table
+    assert "own output through latents" in table and "sigma 0.8" in table and "survivorship" in table
 
 
 def test_paired_turn_gap_by_hand():
@@ -155,6 +165,27 @@ def test_paired_turn_gap_by_hand():
     assert -100.0 <= rows[2]["gap_ci_low"] <= -50.0 <= rows[2]["gap_ci_high"] <= 0.0
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         paired_turn_gap(own, forced[:, :2])
+
+
+def test_marginal_change_decomposition_by_hand():
+    own = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=float)
+    forced = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 1, 0]], dtype=float)  # turn 1 = own turn 1
+    paired = paired_turn_gap(own, forced, num_bootstrap=0)
+    teacher_forced = [75.0, 50.0, 25.0]  # column means of `forced`
+    turn2, turn3 = marginal_change_decomposition(paired, teacher_forced)
+    # M_1 = 3/4; M_2 = C_2 / C_1 = (2/4) / (3/4); alive at turn 2 = chains 0, 1, 3: forced 0, 1, 1 -> 2/3
+    assert turn2["turn"] == 2
+    assert turn2["marginal_change"] == pytest.approx(200 / 3 - 75)
+    assert turn2["turn_difficulty"] == pytest.approx(50 - 75)
+    assert turn2["survivorship"] == pytest.approx(200 / 3 - 50)
+    assert turn2["exposure"] == pytest.approx(0.0)
+    # M_3 = C_3 / C_2 = (1/4) / (2/4); alive at turn 3 = chains 0, 3: own 0, 1 -> 1/2, forced 0, 0 -> 0
+    assert turn3["marginal_change"] == pytest.approx(50 - 75)
+    assert turn3["turn_difficulty"] == pytest.approx(25 - 75)
+    assert turn3["survivorship"] == pytest.approx(0 - 25)
+    assert turn3["exposure"] == pytest.approx(50 - 0)
+    with pytest.raises(ValueError, match="teacher-forced"):
+        marginal_change_decomposition(paired, teacher_forced[:2])
 
 
 def test_paired_generators_start_where_the_chained_turn_started(prior):
