@@ -56,10 +56,19 @@ def plot(diagnosis: dict, path: Path) -> Path:
             ("marginal_change", "M_k - M_1 (their sum)"),
         )
     ):
-        middle.bar([k + (offset - 1.5) * width for k in later], [p[key] for p in parts], width, label=label)
+        values = [p[key] for p in parts]
+        errors = [
+            [v - p.get(f"{key}_ci_low", v) for v, p in zip(values, parts)],
+            [p.get(f"{key}_ci_high", v) - v for v, p in zip(values, parts)],
+        ]
+        positions = [k + (offset - 1.5) * width for k in later]
+        middle.bar(positions, values, width, yerr=errors, capsize=3, label=label)
     middle.axhline(0, color="black", linewidth=0.8)
     middle.set(
-        xlabel="turn k", ylabel="percentage points", xticks=later, title="Why M_k moves (through pixels)"
+        xlabel="turn k",
+        ylabel="percentage points",
+        xticks=later,
+        title="Why M_k moves (through pixels; 95% CIs)",
     )
     middle.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # bars fill the axes
     noise = diagnosis["source_noise_robustness"]

@@ -14,6 +14,9 @@ held-out chains, all with deterministic rollouts, the exact judge and the same p
   a successful turn can hand the next one a harder input.
 - **robustness**: single-turn success when Gaussian noise of standard deviation sigma is added to the source's
   latent (the latents have unit scale), i.e. how far off the clean manifold an input must be to hurt.
+- **VAE colour snap**: colours that drifted off the palette, put through the hand-off between turns (encode, then
+  decode), and how far from the exact rendering they come back. A decoder that snaps them back erases colour
+  drift at every turn.
 - **why M_k moves**: ``marginal_change_decomposition`` splits M_k - M_1 exactly into turn difficulty (turn k
   on clean input vs turn 1), survivorship (the chains still alive at turn k are easier) and exposure (the paired
   gap), so a survivorship gain that hides an exposure loss is seen, not guessed.
@@ -36,6 +39,7 @@ from mtflow.toy.judge import SUCCESS_THRESHOLD, ToyJudge
 from mtflow.toy.prior import (
     evaluation_kwargs,
     pair_chains,
+    render_uint8,
     success_rates,
     teacher_forced_successes,
     turn_successes,
@@ -71,6 +75,8 @@ class ExposureBiasSettings:
     """IF at or above which a pass counts as near-perfect."""
     num_bootstrap: int = 200
     """bootstrap resamples of the confidence intervals."""
+    colour_fades: tuple[float, ...] = (0.1, 0.2, 0.3)
+    """how far toward mid-gray the colours are pulled for the VAE colour-snap measurement."""
 
 
 def next_turn_success_by_pass_quality(
@@ -213,6 +219,69 @@ def marginal_change_decomposition(
     return rows
 
 
+DECOMPOSITION_PARTS = ("marginal_change", "turn_difficulty", "survivorship", "exposure")
+"""The keys of a ``marginal_change_decomposition`` row, the sum first."""
+
+
+def marginal_change_intervals(
+    own_success: np.ndarray, forced_success: np.ndarray, num_bootstrap: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """``marginal_change_decomposition`` of the chains, with percentile bootstrap 95 % intervals over chains for
+    every part (``<part>_ci_low`` / ``<part>_ci_high``; NaN without resamples).
+
+    Args:
+        own_success: [N, K] 1.0 / 0.0 / NaN per chained turn; forced_success: [N, K] the same, teacher forced.
+    """
+    own = np.asarray(own_success, dtype=np.float64)
+    forced = np.asarray(forced_success, dtype=np.float64)
+
+    def decompose(rows: np.ndarray) -> list[dict[str, Any]]:
+        paired = paired_turn_gap(own[rows], forced[rows], num_bootstrap=0)
+        return marginal_change_decomposition(paired, success_rates(forced[rows]))
+
+    point = decompose(np.arange(own.shape[0]))
+    rng = np.random.default_rng(seed)
+    resampled = [decompose(rng.integers(0, own.shape[0], size=own.shape[0])) for _ in range(num_bootstrap)]
+    for k, row in enumerate(point):
+        for part in DECOMPOSITION_PARTS:
+            values = np.array([sample[k][part] for sample in resampled], dtype=np.float64)
+            values = values[~np.isnan(values)]
+            low, high = np.quantile(values, [0.025, 0.975]) if values.size else (math.nan, math.nan)
+            row[f"{part}_ci_low"], row[f"{part}_ci_high"] = float(low), float(high)
+    return point
+
+
+@torch.no_grad()
+def vae_colour_snap(
+    policy, world: ToyWorld, fades: Sequence[float], num_scenes: int = 64
+) -> list[dict[str, Any]]:
+    """What the hand-off between turns does to colours that drifted off the palette.
+
+    ``num_scenes`` held-out source scenes are rendered with every colour pulled ``fade`` of the way to mid-gray
+    (``render_uint8``), encoded and decoded as a chained turn's output is (``encode_reference``, ``decode``).
+
+    Returns:
+        per fade ``{"fade", "input_error", "output_error"}``: the median per-pixel RGB distance (0-441) from the
+        exact rendering, of the faded input and of its round trip. ``output_error`` well below ``input_error``
+        means the VAE snaps drifted colours back onto the palette.
+    """
+    scenes = [world.chain(i, "heldout").scenes[0] for i in range(num_scenes)]
+    exact = render_uint8(world, scenes).float()
+    rows = []
+    for fade in fades:
+        faded = render_uint8(world, scenes, fade)
+        latents = policy.encode_reference(policy.uint8_to_pixels(faded).to(policy.device))
+        round_trip = policy.decode(latents).float().cpu()
+        rows.append(
+            {
+                "fade": float(fade),
+                "input_error": float((faded.float() - exact).norm(dim=1).median()),
+                "output_error": float((round_trip - exact).norm(dim=1).median()),
+            }
+        )
+    return rows
+
+
 def _percent(flags: np.ndarray) -> float:
     return 100.0 * float(np.mean(flags)) if flags.size else math.nan
 
@@ -311,8 +380,8 @@ def diagnose_exposure_bias(
         condition.paired_with_teacher_forced = paired_turn_gap(
             success, forced, settings.num_bootstrap, settings.seed
         )
-        condition.marginal_change = marginal_change_decomposition(
-            condition.paired_with_teacher_forced, success_rates(forced)
+        condition.marginal_change = marginal_change_intervals(
+            success, forced, settings.num_bootstrap, settings.seed
         )
         conditions[mode] = asdict(condition)
 
@@ -340,6 +409,7 @@ def diagnose_exposure_bias(
         "own_output_through_latents": conditions["latents"],
         "teacher_forced_success": success_rates(forced),
         "source_noise_robustness": robustness,
+        "vae_colour_snap": vae_colour_snap(policy, world, settings.colour_fades),
         "seconds": time.perf_counter() - started,
     }
 
@@ -372,13 +442,19 @@ def format_diagnosis(diagnosis: dict[str, Any]) -> str:
         )
     for mode in ("pixels", "latents"):
         parts = diagnosis[f"own_output_through_{mode}"]["marginal_change"]
-        for key, name in (
-            ("marginal_change", f"M_k - M_1, own output through {mode}"),
-            ("turn_difficulty", "  = turn difficulty (teacher forced, all chains: F_k - M_1)"),
-            ("survivorship", "  + survivorship (teacher forced, alive chains - all chains)"),
-            ("exposure", "  + exposure (paired gap, alive chains)"),
+        for key, name in zip(
+            DECOMPOSITION_PARTS,
+            (
+                f"M_k - M_1, own output through {mode} [95% CI]",
+                "  = turn difficulty (teacher forced, all chains: F_k - M_1)",
+                "  + survivorship (teacher forced, alive chains - all chains)",
+                "  + exposure (paired gap, alive chains)",
+            ),
         ):
-            row(name, [math.nan] + [p[key] for p in parts])
+            cells = [
+                f"{_fmt(p[key])} [{_fmt(p[key + '_ci_low'])}, {_fmt(p[key + '_ci_high'])}]" for p in parts
+            ]
+            lines.append(f"| {name} | - | " + " | ".join(cells) + " | |")
     pixels = diagnosis["own_output_through_pixels"]
     row(
         "next turn's success after an imperfect pass",
@@ -394,6 +470,12 @@ def format_diagnosis(diagnosis: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(f"single-turn success with noise on the source latent: {noise}")
+    snap = ", ".join(
+        f"fade {r['fade']:g}: {r['input_error']:.1f} -> {r['output_error']:.1f}"
+        for r in diagnosis.get("vae_colour_snap", [])
+    )
+    if snap:
+        lines.append(f"VAE hand-off, median RGB distance from the exact rendering before -> after: {snap}")
     return "\n".join(lines)
 
 

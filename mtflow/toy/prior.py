@@ -179,9 +179,12 @@ def flow_matching_loss(
 
 
 # ====================================================================== data
-def render_uint8(world: ToyWorld, scenes: Sequence[Scene]) -> torch.Tensor:
-    """[N, 3, H, W] uint8 renderings of ``scenes`` (exact palette colours)."""
+def render_uint8(world: ToyWorld, scenes: Sequence[Scene], fade: float = 0.0) -> torch.Tensor:
+    """[N, 3, H, W] uint8 renderings of ``scenes``: exact palette colours, or with ``fade`` > 0 every colour
+    pulled that fraction of the way to mid-gray (128), rounded: colours that drifted off the palette."""
     palette = world.spec.palette
+    if fade:
+        palette = np.rint(palette + fade * (128.0 - palette.astype(np.float64))).astype(palette.dtype)
     array = np.stack([palette[world.spec.render_labels(s)] for s in scenes])
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 

@@ -14,12 +14,14 @@ from mtflow.toy.diagnostics import (
     diagnose_exposure_bias,
     format_diagnosis,
     marginal_change_decomposition,
+    marginal_change_intervals,
     next_turn_success_by_pass_quality,
     noisy_source_latents,
     paired_turn_gap,
     pass_quality,
+    vae_colour_snap,
 )
-from mtflow.toy.prior import HeldOutSettings, evaluate_prior, load_prior_policy
+from mtflow.toy.prior import HeldOutSettings, evaluate_prior, load_prior_policy, render_uint8
 from mtflow.toy.world import ToyWorld
 
 # six chains, three turns; pass = IF >= 4, near-perfect = IF >= 4.75
@@ -81,6 +83,30 @@ def test_empty_groups_are_nan_and_bad_shapes_raise():
 @pytest.fixture(scope="module")
 def prior():
     return load_prior_policy()
+
+
+def test_faded_rendering_by_hand():
+    world = ToyWorld()
+    scene = world.chain(0, "heldout").scenes[0]
+    labels = world.spec.render_labels(scene)
+    exact, faded = render_uint8(world, [scene])[0], render_uint8(world, [scene], fade=0.25)[0]
+    label = int(labels[0, 0])
+    colour = world.spec.palette[label].astype(float)
+    expected = np.rint(colour + 0.25 * (128 - colour))  # e.g. white 245 -> 245 - 0.25 * 117 = 215.75 -> 216
+    assert exact[:, 0, 0].tolist() == colour.tolist()
+    assert faded[:, 0, 0].tolist() == expected.tolist()
+    assert torch.equal(render_uint8(world, [scene], fade=0.0), render_uint8(world, [scene]))
+
+
+def test_the_shipped_vae_snaps_drifted_colours_back_onto_the_palette(prior):
+    """A property of the shipped VAE the README relies on: a rendering whose colours drifted 20-30 % toward gray
+    comes back from encode + decode far closer to the exact rendering than it went in."""
+    rows = vae_colour_snap(prior, ToyWorld(), fades=(0.0, 0.2, 0.3), num_scenes=16)
+    assert [r["fade"] for r in rows] == [0.0, 0.2, 0.3]
+    assert rows[0]["input_error"] == 0.0 and rows[0]["output_error"] < 5.0
+    for row in rows[1:]:
+        assert row["input_error"] > 25.0  # the drift is real: off the palette by more than half the tolerance
+        assert row["output_error"] < row["input_error"] / 3
 
 
 def test_noisy_source_latents_adds_seeded_noise_and_restores_the_method(prior):
@@ -147,6 +173,7 @@ def test_diagnosis_agrees_with_the_prior_evaluation_on_the_same_chains(prior):
             assert parts == pytest.approx(part["marginal_change"], abs=1e-9)
     table = format_diagnosis(diagnosis)
     assert "own output through latents" in table and "sigma 0.8" in table and "survivorship" in table
+    assert [r["fade"] for r in diagnosis["vae_colour_snap"]] == [0.1, 0.2, 0.3] and "VAE hand-off" in table
 
 
 def test_paired_turn_gap_by_hand():
@@ -186,6 +213,25 @@ def test_marginal_change_decomposition_by_hand():
     assert turn3["exposure"] == pytest.approx(50 - 0)
     with pytest.raises(ValueError, match="teacher-forced"):
         marginal_change_decomposition(paired, teacher_forced[:2])
+
+
+def test_marginal_change_intervals_resample_chains():
+    rng = np.random.default_rng(3)
+    own = (rng.random((200, 3)) < 0.6).astype(float)
+    forced = own.copy()
+    forced[:, 1:] = (rng.random((200, 2)) < 0.6).astype(float)  # turn 1 is the same rollout
+    rows = marginal_change_intervals(own, forced, num_bootstrap=300, seed=0)
+    teacher_forced = [100 * forced[:, k].mean() for k in range(3)]
+    expected = marginal_change_decomposition(paired_turn_gap(own, forced, num_bootstrap=0), teacher_forced)
+    for row, point in zip(rows, expected):
+        for part in ("marginal_change", "turn_difficulty", "survivorship", "exposure"):
+            assert row[part] == pytest.approx(point[part])
+            assert row[f"{part}_ci_low"] <= row[part] <= row[f"{part}_ci_high"]
+            assert row[f"{part}_ci_low"] < row[f"{part}_ci_high"]
+    # no exposure at all: own == forced on every chain -> every resample's exposure is exactly 0
+    same = marginal_change_intervals(own, own, num_bootstrap=100, seed=0)
+    assert all(r["exposure"] == r["exposure_ci_low"] == r["exposure_ci_high"] == 0.0 for r in same)
+    assert math.isnan(marginal_change_intervals(own, forced, num_bootstrap=0)[0]["exposure_ci_low"])
 
 
 def test_paired_generators_start_where_the_chained_turn_started(prior):

@@ -217,8 +217,8 @@ def test_shipped_prior_drifts_on_its_own_outputs(recorded):
     Marginal success M_k does *not* fall for this prior (57.5 / 59.1 / 57.4 %, exposure bias 0.1 points, 95 % CI
     about -13 to +14 at 200 chains), and teacher forcing with the same noise does no better (57.5 / 59.5 / 60.0 %):
     the turns that pass are nearly all pixel-exact, so they hand the next turn an input as easy as the ground
-    truth; ``tools/diagnose_exposure_bias.py`` measures why (README, "Exposure bias"). What carries over is damage
-    outside the edit regions, which CC_k measures."""
+    truth, and the chains that survive are easier ones; ``tools/diagnose_exposure_bias.py`` measures why (README,
+    "Exposure bias"). What carries over is damage outside the edit regions, which CC_k measures."""
     multi = recorded["multi_turn"]
     assert multi["num_chains"] >= 200 and recorded["single_turn"]["num_pairs"] >= 600
     consistency = multi["consistency"]
