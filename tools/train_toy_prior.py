@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
+        "--target-shift",
+        type=int,
+        default=0,
+        help="train on targets moved this many pixels down and right (misaligned pairs: the drift experiment)",
+    )
+    parser.add_argument(
         "--edit-type-weights",
         type=json.loads,
         default=dict(DEFAULT_EDIT_TYPE_WEIGHTS),
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_text_encoders=not args.freeze_text_encoders,
         time_budget_s=args.time_budget,
         seed=args.seed,
+        target_shift=args.target_shift,
     )
     record = None
     if not args.evaluate_only:

@@ -179,29 +179,44 @@ def flow_matching_loss(
 
 
 # ====================================================================== data
-def render_uint8(world: ToyWorld, scenes: Sequence[Scene], fade: float = 0.0) -> torch.Tensor:
+def shifted_labels(labels: np.ndarray, shift: int, fill: int) -> np.ndarray:
+    """[H, W] label map moved ``shift`` pixels down and right; the uncovered top rows / left columns get ``fill``."""
+    if shift == 0:
+        return labels
+    out = np.full_like(labels, fill)
+    out[shift:, shift:] = labels[:-shift, :-shift]
+    return out
+
+
+def render_uint8(world: ToyWorld, scenes: Sequence[Scene], fade: float = 0.0, shift: int = 0) -> torch.Tensor:
     """[N, 3, H, W] uint8 renderings of ``scenes``: exact palette colours, or with ``fade`` > 0 every colour
-    pulled that fraction of the way to mid-gray (128), rounded: colours that drifted off the palette."""
+    pulled that fraction of the way to mid-gray (128), rounded: colours that drifted off the palette; with
+    ``shift`` > 0 the picture is moved that many pixels down and right (``shifted_labels``): a misaligned copy."""
     palette = world.spec.palette
     if fade:
         palette = np.rint(palette + fade * (128.0 - palette.astype(np.float64))).astype(palette.dtype)
-    array = np.stack([palette[world.spec.render_labels(s)] for s in scenes])
+    spec = world.spec
+    array = np.stack(
+        [palette[shifted_labels(spec.render_labels(s), shift, spec.label(s.background))] for s in scenes]
+    )
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
 class SceneLatentCache:
     """Packed reference latents of clean renderings, by scene key (the VAE is frozen, so they never change)."""
 
-    def __init__(self, policy, world: ToyWorld, max_entries: int = 200_000) -> None:
+    def __init__(self, policy, world: ToyWorld, max_entries: int = 200_000, shift: int = 0) -> None:
         """
         Args:
             policy: a loaded ``KontextPolicy`` (its ``encode_reference`` is the RL path's).
             world: renders the scenes.
             max_entries: stop caching new scenes beyond this many (memory bound; ~4 KB each at 32 px).
+            shift: render the scenes moved this many pixels down and right (``render_uint8``).
         """
         self.policy = policy
         self.world = world
         self.max_entries = max_entries
+        self.shift = shift
         self._latents: dict[str, torch.Tensor] = {}
         self.encoded = 0
 
@@ -214,7 +229,8 @@ class SceneLatentCache:
         missing = {k: s for k, s in zip(keys, scenes) if k not in self._latents}
         fresh: dict[str, torch.Tensor] = {}
         if missing:
-            pixels = self.policy.uint8_to_pixels(render_uint8(self.world, list(missing.values())))
+            scenes = list(missing.values())
+            pixels = self.policy.uint8_to_pixels(render_uint8(self.world, scenes, shift=self.shift))
             encoded = self.policy.encode_reference(pixels.to(self.policy.device))
             fresh = dict(zip(missing, encoded))
             self.encoded += len(missing)
@@ -276,6 +292,9 @@ class PriorTrainConfig:
     """seed of the noise and sigma draws."""
     pair_offset: int = 0
     """index of the first training pair (pairs are world.pair(i, "train"))."""
+    target_shift: int = 0
+    """train on targets moved this many pixels down and right of their sources (misaligned pairs, the drift
+    experiment); 0: aligned, exact targets."""
     log_every: int = 50
     """print a line every this many steps."""
 
@@ -330,6 +349,7 @@ def train_prior(
     optimiser = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.99))
     params = [p for g in groups for p in g["params"]]
     cache = SceneLatentCache(policy, world)
+    targets = SceneLatentCache(policy, world, shift=config.target_shift) if config.target_shift else cache
     policy.clear_text_cache()
     total = config.steps
     start = time.perf_counter()
@@ -349,7 +369,7 @@ def train_prior(
             samples = pair_samples(world, config.pair_offset + step * config.batch_size, config.batch_size)
             with torch.no_grad():
                 reference = cache.latents([s.scenes[0] for s in samples])
-                x0 = cache.latents([s.scenes[1] for s in samples])
+                x0 = targets.latents([s.scenes[1] for s in samples])
             instructions = [s.instructions[0] for s in samples]
             text = encode_instructions(policy, instructions, with_grad=config.train_text_encoders)
             eps = torch.randn(x0.shape, generator=generator)
@@ -381,7 +401,7 @@ def train_prior(
         pairs_seen=(step + 1) * config.batch_size,
         first_loss=losses[0] if losses else math.nan,
         final_loss=float(np.mean(losses[-50:])) if losses else math.nan,
-        scenes_encoded=cache.encoded,
+        scenes_encoded=cache.encoded + (targets.encoded if targets is not cache else 0),
         losses=losses,
     )
 

@@ -28,7 +28,9 @@ from mtflow.toy.prior import (
     logit_normal_sigmas,
     noised,
     pair_samples,
+    render_uint8,
     save_toy_prior,
+    shifted_labels,
     train_prior,
     warmup_cosine,
 )
@@ -124,6 +126,33 @@ def test_latent_cache_matches_the_policy_path_and_encodes_each_scene_once(tiny_p
     assert cache.encoded == len({s.key() for s in scenes}) == len(cache)
     cache.latents(scenes[:2])
     assert cache.encoded == len(cache)  # nothing re-encoded
+
+
+def test_shifted_labels_by_hand():
+    labels = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    assert shifted_labels(labels, 1, fill=0).tolist() == [[0, 0, 0], [0, 1, 2], [0, 4, 5]]
+    assert shifted_labels(labels, 0, fill=0) is labels
+
+
+def test_misaligned_targets_reach_the_cache_and_the_training_loss(tiny_prior_path, world):
+    """``target_shift`` (the drift experiment): targets are the scenes moved one pixel, sources are not."""
+    policy = load_prior_policy(tiny_prior_path)
+    scenes = [s.scenes[1] for s in pair_samples(world, 0, 4)]
+    moved = render_uint8(world, scenes, shift=1)
+    assert torch.equal(moved[:, :, 1:, 1:], render_uint8(world, scenes)[:, :, :-1, :-1])
+    latents = SceneLatentCache(policy, world, shift=1).latents(scenes)
+    assert torch.allclose(latents, policy.encode_reference(policy.uint8_to_pixels(moved)), atol=1e-4)
+    assert not torch.allclose(latents, SceneLatentCache(policy, world).latents(scenes), atol=1e-2)
+
+    def first_loss(shift: int) -> float:
+        torch.manual_seed(0)  # the text encoders train with dropout, drawn from the global generator
+        fresh = load_prior_policy(tiny_prior_path)
+        config = PriorTrainConfig(steps=1, batch_size=4, warmup=1, target_shift=shift)
+        return train_prior(fresh, world, config, log=None).first_loss
+
+    aligned = first_loss(0)
+    assert first_loss(0) == aligned  # same seed, same batch: the loss is reproducible
+    assert first_loss(1) != aligned  # so a different first loss means the targets moved
 
 
 def test_bfloat16_storage_loads_back_as_float32(tmp_path, world):
