@@ -17,6 +17,8 @@ held-out chains, all with deterministic rollouts, the exact judge and the same p
 - **VAE colour snap**: colours that drifted off the palette, put through the hand-off between turns (encode, then
   decode), and how far from the exact rendering they come back. A decoder that snaps them back erases colour
   drift at every turn.
+- **where survivorship comes from**: teacher-forced success per turn grouped by how many shapes the chain's source
+  holds; scene complexity persists along a chain, so the chains that survive are the simpler ones.
 - **why M_k moves**: ``marginal_change_decomposition`` splits M_k - M_1 exactly into turn difficulty (turn k
   on clean input vs turn 1), survivorship (the chains still alive at turn k are easier) and exposure (the paired
   gap), so a survivorship gain that hides an exposure loss is seen, not guessed.
@@ -219,6 +221,28 @@ def marginal_change_decomposition(
     return rows
 
 
+def success_by_group(success: np.ndarray, groups: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Per-turn success rate within each group of chains.
+
+    Args:
+        success: [N, K] 1.0 / 0.0 / NaN per turn; groups: [N] a group label per chain.
+
+    Returns:
+        ``{str(label): {"num_chains": n, "success": [K] percent}}`` in sorted label order.
+    """
+    success = np.asarray(success, dtype=np.float64)
+    labels = np.asarray(groups)
+    if labels.shape != success.shape[:1]:
+        raise ValueError(f"{labels.shape[0]} group labels for {success.shape[0]} chains")
+    return {
+        str(label): {
+            "num_chains": int((labels == label).sum()),
+            "success": success_rates(success[labels == label]),
+        }
+        for label in sorted(set(labels.tolist()))
+    }
+
+
 DECOMPOSITION_PARTS = ("marginal_change", "turn_difficulty", "survivorship", "exposure")
 """The keys of a ``marginal_change_decomposition`` row, the sum first."""
 
@@ -408,6 +432,9 @@ def diagnose_exposure_bias(
         "own_output_through_pixels": conditions["pixels"],
         "own_output_through_latents": conditions["latents"],
         "teacher_forced_success": success_rates(forced),
+        "teacher_forced_by_source_shapes": success_by_group(
+            forced, [len(x.scenes[0].objects) for x in samples]
+        ),
         "source_noise_robustness": robustness,
         "vae_colour_snap": vae_colour_snap(policy, world, settings.colour_fades),
         "seconds": time.perf_counter() - started,
@@ -470,6 +497,13 @@ def format_diagnosis(diagnosis: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(f"single-turn success with noise on the source latent: {noise}")
+    groups = diagnosis.get("teacher_forced_by_source_shapes", {})
+    if groups:
+        by_shapes = "; ".join(
+            f"{label} shape(s), {g['num_chains']} chains: " + " / ".join(_fmt(v) for v in g["success"])
+            for label, g in groups.items()
+        )
+        lines.append(f"teacher-forced success per turn by shapes in the source: {by_shapes}")
     snap = ", ".join(
         f"fade {r['fade']:g}: {r['input_error']:.1f} -> {r['output_error']:.1f}"
         for r in diagnosis.get("vae_colour_snap", [])

@@ -19,6 +19,7 @@ from mtflow.toy.diagnostics import (
     noisy_source_latents,
     paired_turn_gap,
     pass_quality,
+    success_by_group,
     vae_colour_snap,
 )
 from mtflow.toy.prior import HeldOutSettings, evaluate_prior, load_prior_policy, render_uint8
@@ -83,6 +84,17 @@ def test_empty_groups_are_nan_and_bad_shapes_raise():
 @pytest.fixture(scope="module")
 def prior():
     return load_prior_policy()
+
+
+def test_success_by_group_by_hand():
+    success = np.array([[1, 0, 1], [0, 0, 1], [1, 1, math.nan], [1, 1, 0]], dtype=float)
+    groups = success_by_group(success, [2, 1, 2, 2])
+    assert list(groups) == ["1", "2"]
+    assert groups["1"] == {"num_chains": 1, "success": [0.0, 0.0, 100.0]}
+    assert groups["2"]["num_chains"] == 3
+    assert groups["2"]["success"] == pytest.approx([100.0, 200 / 3, 50.0])  # the NaN turn is left out
+    with pytest.raises(ValueError, match="group labels"):
+        success_by_group(success, [1, 2])
 
 
 def test_faded_rendering_by_hand():
@@ -174,6 +186,8 @@ def test_diagnosis_agrees_with_the_prior_evaluation_on_the_same_chains(prior):
     table = format_diagnosis(diagnosis)
     assert "own output through latents" in table and "sigma 0.8" in table and "survivorship" in table
     assert [r["fade"] for r in diagnosis["vae_colour_snap"]] == [0.1, 0.2, 0.3] and "VAE hand-off" in table
+    groups = diagnosis["teacher_forced_by_source_shapes"]
+    assert sum(g["num_chains"] for g in groups.values()) == 12 and "by shapes in the source" in table
 
 
 def test_paired_turn_gap_by_hand():
