@@ -58,8 +58,8 @@ def plot(diagnosis: dict, path: Path) -> Path:
     ):
         values = [p[key] for p in parts]
         errors = [
-            [v - p.get(f"{key}_ci_low", v) for v, p in zip(values, parts)],
-            [p.get(f"{key}_ci_high", v) - v for v, p in zip(values, parts)],
+            [v - p[f"{key}_ci_low"] for v, p in zip(values, parts)],
+            [p[f"{key}_ci_high"] - v for v, p in zip(values, parts)],
         ]
         positions = [k + (offset - 1.5) * width for k in later]
         middle.bar(positions, values, width, yerr=errors, capsize=3, label=label)

@@ -172,12 +172,11 @@ def paired_turn_gap(
         row = {"turn": k + 1, "num_chains": int(valid.sum()), "own": _percent(own[valid, k])}
         row["forced"] = _percent(forced[valid, k])
         row["gap"] = 100.0 * float(pairs.mean()) if pairs.size else math.nan
+        means = np.empty(0)
         if pairs.size and num_bootstrap > 0:
             means = pairs[rng.integers(0, pairs.size, size=(num_bootstrap, pairs.size))].mean(axis=1)
-            low, high = np.quantile(means, [0.025, 0.975])
-            row["gap_ci_low"], row["gap_ci_high"] = 100.0 * float(low), 100.0 * float(high)
-        else:
-            row["gap_ci_low"] = row["gap_ci_high"] = math.nan
+        low, high = _interval95(means)
+        row["gap_ci_low"], row["gap_ci_high"] = 100.0 * low, 100.0 * high
         rows.append(row)
     return rows
 
@@ -268,10 +267,8 @@ def marginal_change_intervals(
     resampled = [decompose(rng.integers(0, own.shape[0], size=own.shape[0])) for _ in range(num_bootstrap)]
     for k, row in enumerate(point):
         for part in DECOMPOSITION_PARTS:
-            values = np.array([sample[k][part] for sample in resampled], dtype=np.float64)
-            values = values[~np.isnan(values)]
-            low, high = np.quantile(values, [0.025, 0.975]) if values.size else (math.nan, math.nan)
-            row[f"{part}_ci_low"], row[f"{part}_ci_high"] = float(low), float(high)
+            low, high = _interval95(np.array([sample[k][part] for sample in resampled], dtype=np.float64))
+            row[f"{part}_ci_low"], row[f"{part}_ci_high"] = low, high
     return point
 
 
@@ -304,6 +301,15 @@ def vae_colour_snap(
             }
         )
     return rows
+
+
+def _interval95(values: np.ndarray) -> tuple[float, float]:
+    """Percentile 95 % interval of bootstrap ``values`` [B], NaN resamples left out; (NaN, NaN) if none."""
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return math.nan, math.nan
+    low, high = np.quantile(values, [0.025, 0.975])
+    return float(low), float(high)
 
 
 def _percent(flags: np.ndarray) -> float:
@@ -390,12 +396,7 @@ def diagnose_exposure_bias(
     chains = [sample.to_edit_chain() for sample in samples]
     common = evaluation_kwargs(settings, adapter)
     forced = teacher_forced_successes(
-        policy,
-        judge,
-        samples,
-        world.num_turns,
-        with_progress(common, "teacher forced", progress),
-        settings.threshold,
+        policy, judge, samples, world.num_turns, common, settings.threshold, progress
     )
     conditions = {}
     for mode in ("pixels", "latents"):
@@ -497,18 +498,16 @@ def format_diagnosis(diagnosis: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(f"single-turn success with noise on the source latent: {noise}")
-    groups = diagnosis.get("teacher_forced_by_source_shapes", {})
-    if groups:
-        by_shapes = "; ".join(
-            f"{label} shape(s), {g['num_chains']} chains: " + " / ".join(_fmt(v) for v in g["success"])
-            for label, g in groups.items()
-        )
-        lines.append(f"teacher-forced success per turn by shapes in the source: {by_shapes}")
+    by_shapes = "; ".join(
+        f"{label} shape(s), {g['num_chains']} chains: " + " / ".join(_fmt(v) for v in g["success"])
+        for label, g in diagnosis["teacher_forced_by_source_shapes"].items()
+    )
+    lines.append(f"teacher-forced success per turn by shapes in the source: {by_shapes}")
     snap = ", ".join(
         f"fade {r['fade']:g}: {r['input_error']:.1f} -> {r['output_error']:.1f}"
-        for r in diagnosis.get("vae_colour_snap", [])
+        for r in diagnosis["vae_colour_snap"]
     )
-    if snap:
+    if snap:  # no fades measured: no line
         lines.append(f"VAE hand-off, median RGB distance from the exact rendering before -> after: {snap}")
     return "\n".join(lines)
 

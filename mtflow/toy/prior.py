@@ -192,10 +192,10 @@ def render_uint8(world: ToyWorld, scenes: Sequence[Scene], fade: float = 0.0, sh
     """[N, 3, H, W] uint8 renderings of ``scenes``: exact palette colours, or with ``fade`` > 0 every colour
     pulled that fraction of the way to mid-gray (128), rounded: colours that drifted off the palette; with
     ``shift`` > 0 the picture is moved that many pixels down and right (``shifted_labels``): a misaligned copy."""
-    palette = world.spec.palette
+    spec = world.spec
+    palette = spec.palette
     if fade:
         palette = np.rint(palette + fade * (128.0 - palette.astype(np.float64))).astype(palette.dtype)
-    spec = world.spec
     array = np.stack(
         [palette[shifted_labels(spec.render_labels(s), shift, spec.label(s.background))] for s in scenes]
     )
@@ -203,34 +203,33 @@ def render_uint8(world: ToyWorld, scenes: Sequence[Scene], fade: float = 0.0, sh
 
 
 class SceneLatentCache:
-    """Packed reference latents of clean renderings, by scene key (the VAE is frozen, so they never change)."""
+    """Packed reference latents of renderings, by (shift, scene key) (the VAE is frozen, so they never change)."""
 
-    def __init__(self, policy, world: ToyWorld, max_entries: int = 200_000, shift: int = 0) -> None:
+    def __init__(self, policy, world: ToyWorld, max_entries: int = 200_000) -> None:
         """
         Args:
             policy: a loaded ``KontextPolicy`` (its ``encode_reference`` is the RL path's).
             world: renders the scenes.
             max_entries: stop caching new scenes beyond this many (memory bound; ~4 KB each at 32 px).
-            shift: render the scenes moved this many pixels down and right (``render_uint8``).
         """
         self.policy = policy
         self.world = world
         self.max_entries = max_entries
-        self.shift = shift
-        self._latents: dict[str, torch.Tensor] = {}
+        self._latents: dict[tuple[int, str], torch.Tensor] = {}
         self.encoded = 0
 
     def __len__(self) -> int:
         return len(self._latents)
 
-    def latents(self, scenes: Sequence[Scene]) -> torch.Tensor:
-        """[N, L, C] float32 packed latents of ``scenes`` (missing ones encoded in one VAE call)."""
-        keys = [s.key() for s in scenes]
+    def latents(self, scenes: Sequence[Scene], shift: int = 0) -> torch.Tensor:
+        """[N, L, C] float32 packed latents of ``scenes`` (missing ones encoded in one VAE call), rendered moved
+        ``shift`` pixels down and right (``render_uint8``)."""
+        keys = [(shift, s.key()) for s in scenes]
         missing = {k: s for k, s in zip(keys, scenes) if k not in self._latents}
-        fresh: dict[str, torch.Tensor] = {}
+        fresh: dict[tuple[int, str], torch.Tensor] = {}
         if missing:
-            scenes = list(missing.values())
-            pixels = self.policy.uint8_to_pixels(render_uint8(self.world, scenes, shift=self.shift))
+            rendered = render_uint8(self.world, list(missing.values()), shift=shift)
+            pixels = self.policy.uint8_to_pixels(rendered)
             encoded = self.policy.encode_reference(pixels.to(self.policy.device))
             fresh = dict(zip(missing, encoded))
             self.encoded += len(missing)
@@ -349,7 +348,6 @@ def train_prior(
     optimiser = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.99))
     params = [p for g in groups for p in g["params"]]
     cache = SceneLatentCache(policy, world)
-    targets = SceneLatentCache(policy, world, shift=config.target_shift) if config.target_shift else cache
     policy.clear_text_cache()
     total = config.steps
     start = time.perf_counter()
@@ -369,7 +367,7 @@ def train_prior(
             samples = pair_samples(world, config.pair_offset + step * config.batch_size, config.batch_size)
             with torch.no_grad():
                 reference = cache.latents([s.scenes[0] for s in samples])
-                x0 = targets.latents([s.scenes[1] for s in samples])
+                x0 = cache.latents([s.scenes[1] for s in samples], shift=config.target_shift)
             instructions = [s.instructions[0] for s in samples]
             text = encode_instructions(policy, instructions, with_grad=config.train_text_encoders)
             eps = torch.randn(x0.shape, generator=generator)
@@ -401,7 +399,7 @@ def train_prior(
         pairs_seen=(step + 1) * config.batch_size,
         first_loss=losses[0] if losses else math.nan,
         final_loss=float(np.mean(losses[-50:])) if losses else math.nan,
-        scenes_encoded=cache.encoded + (targets.encoded if targets is not cache else 0),
+        scenes_encoded=cache.encoded,
         losses=losses,
     )
 
@@ -485,17 +483,24 @@ def with_progress(evaluate_kwargs: dict[str, Any], label: str, show: bool) -> di
 
 
 def teacher_forced_successes(
-    policy, judge, samples: Sequence[ToyChainSample], num_turns: int, evaluate_kwargs: dict, threshold: float
+    policy,
+    judge,
+    samples: Sequence[ToyChainSample],
+    num_turns: int,
+    evaluate_kwargs: dict,
+    threshold: float,
+    progress: bool = False,
 ) -> np.ndarray:
     """[N, K] float: 1.0 / 0.0 whether turn k of sample n succeeds when edited from the ground-truth previous scene
     (``teacher_forced_chain``), NaN where unscored. Each forced turn starts from the noise the chained turn k of
     the same sample starts from (``paired_eval_generators``), so forced and chained turns differ only in their
-    input. ``evaluate_kwargs`` go to ``evaluate_chains``."""
+    input. ``evaluate_kwargs`` go to ``evaluate_chains``; ``progress``: a progress bar on stderr."""
     from mtflow.eval.evaluate import evaluate_chains
 
     forced = [teacher_forced_chain(sample, k) for k in range(num_turns) for sample in samples]
     noise_from = [(sample.chain_id, k) for k in range(num_turns) for sample in samples]
-    _, forced_raw = evaluate_chains(policy, judge, forced, noise_from=noise_from, **evaluate_kwargs)
+    kwargs = with_progress(evaluate_kwargs, "teacher forced", progress)
+    _, forced_raw = evaluate_chains(policy, judge, forced, noise_from=noise_from, **kwargs)
     first_turns = turn_successes(forced_raw["model"].scores, threshold)[:, 0]
     return first_turns.reshape(num_turns, len(samples)).T
 
@@ -543,12 +548,7 @@ def evaluate_prior(
     started = time.perf_counter()
     teacher_forced = success_rates(
         teacher_forced_successes(
-            policy,
-            judge,
-            samples,
-            world.num_turns,
-            with_progress(common, "teacher forced", progress),
-            settings.threshold,
+            policy, judge, samples, world.num_turns, common, settings.threshold, progress
         )
     )
     return {

@@ -140,9 +140,10 @@ def test_misaligned_targets_reach_the_cache_and_the_training_loss(tiny_prior_pat
     scenes = [s.scenes[1] for s in pair_samples(world, 0, 4)]
     moved = render_uint8(world, scenes, shift=1)
     assert torch.equal(moved[:, :, 1:, 1:], render_uint8(world, scenes)[:, :, :-1, :-1])
-    latents = SceneLatentCache(policy, world, shift=1).latents(scenes)
+    cache = SceneLatentCache(policy, world)
+    latents = cache.latents(scenes, shift=1)
     assert torch.allclose(latents, policy.encode_reference(policy.uint8_to_pixels(moved)), atol=1e-4)
-    assert not torch.allclose(latents, SceneLatentCache(policy, world).latents(scenes), atol=1e-2)
+    assert not torch.allclose(latents, cache.latents(scenes), atol=1e-2)
 
     def first_loss(shift: int) -> float:
         torch.manual_seed(0)  # the text encoders train with dropout, drawn from the global generator
