@@ -17,6 +17,8 @@ held-out chains, all with deterministic rollouts, the exact judge and the same p
 - **VAE colour snap**: colours that drifted off the palette, put through the hand-off between turns (encode, then
   decode), and how far from the exact rendering they come back. A decoder that snaps them back erases colour
   drift at every turn.
+- **VAE round-trip drift**: the hand-off repeated on exact renderings, no editor: the error that compounds along
+  a chain even if every edit were perfect.
 - **where survivorship comes from**: teacher-forced success per turn grouped by how many shapes the chain's source
   holds; scene complexity persists along a chain, so the chains that survive are the simpler ones.
 - **why M_k moves**: ``marginal_change_decomposition`` splits M_k - M_1 exactly into turn difficulty (turn k
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from mtflow.eval.evaluate import evaluate_chains
-from mtflow.toy.judge import SUCCESS_THRESHOLD, ToyJudge
+from mtflow.toy.judge import SUCCESS_THRESHOLD, ToyJudge, snap_to_palette
 from mtflow.toy.prior import (
     evaluation_kwargs,
     pair_chains,
@@ -79,6 +81,8 @@ class ExposureBiasSettings:
     """bootstrap resamples of the confidence intervals."""
     colour_fades: tuple[float, ...] = (0.1, 0.2, 0.3)
     """how far toward mid-gray the colours are pulled for the VAE colour-snap measurement."""
+    round_trip_passes: int = 6
+    """repeated VAE round trips of exact renderings for the hand-off drift measurement (0: not measured)."""
 
 
 def next_turn_success_by_pass_quality(
@@ -303,6 +307,37 @@ def vae_colour_snap(
     return rows
 
 
+def vae_round_trip_drift(
+    policy, world: ToyWorld, passes: int, num_scenes: int = 64, colour_tolerance: float = 48.0
+) -> list[dict[str, Any]]:
+    """What repeated hand-offs alone do to an image: the VAE round trip (encode, then decode to uint8, as between
+    chained turns) applied ``passes`` times to exact renderings of ``num_scenes`` held-out sources, no editor.
+
+    Returns:
+        per pass n = 1 .. ``passes`` ``{"pass", "rgb_error", "label_error"}``: the mean per-pixel RGB distance
+        (0-441) from the exact rendering (the mean, since the drift sits on a few edge pixels), and the percent of pixels whose colour, snapped as the judge snaps it
+        (``snap_to_palette`` within ``colour_tolerance``), is no longer the ground-truth palette colour. Growth
+        with n is error that compounds along a chain even when every edit is perfect.
+    """
+    scenes = [world.chain(i, "heldout").scenes[0] for i in range(num_scenes)]
+    images = render_uint8(world, scenes)
+    exact = images.float()
+    truth = np.stack([world.spec.render_labels(s) for s in scenes]).astype(np.int64)
+    rows = []
+    for n in range(1, passes + 1):
+        latents = policy.encode_reference(policy.uint8_to_pixels(images).to(policy.device))
+        images = policy.decode(latents).cpu()
+        labels = snap_to_palette(images.permute(0, 2, 3, 1).numpy(), world.spec.palette, colour_tolerance)
+        rows.append(
+            {
+                "pass": n,
+                "rgb_error": float((images.float() - exact).norm(dim=1).mean()),
+                "label_error": _percent(labels != truth),
+            }
+        )
+    return rows
+
+
 def _interval95(values: np.ndarray) -> tuple[float, float]:
     """Percentile 95 % interval of bootstrap ``values`` [B], NaN resamples left out; (NaN, NaN) if none."""
     values = values[~np.isnan(values)]
@@ -438,6 +473,9 @@ def diagnose_exposure_bias(
         ),
         "source_noise_robustness": robustness,
         "vae_colour_snap": vae_colour_snap(policy, world, settings.colour_fades),
+        "vae_round_trip_drift": vae_round_trip_drift(
+            policy, world, settings.round_trip_passes, colour_tolerance=judge.colour_tolerance
+        ),
         "seconds": time.perf_counter() - started,
     }
 
@@ -509,6 +547,9 @@ def format_diagnosis(diagnosis: dict[str, Any]) -> str:
     )
     if snap:  # no fades measured: no line
         lines.append(f"VAE hand-off, median RGB distance from the exact rendering before -> after: {snap}")
+    drift = ", ".join(f"{r['label_error']:.2f}" for r in diagnosis["vae_round_trip_drift"])
+    if drift:  # no passes measured: no line
+        lines.append(f"VAE hand-off repeated, % pixels off their true colour after 1, 2, ... passes: {drift}")
     return "\n".join(lines)
 
 

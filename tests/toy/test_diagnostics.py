@@ -21,6 +21,7 @@ from mtflow.toy.diagnostics import (
     pass_quality,
     success_by_group,
     vae_colour_snap,
+    vae_round_trip_drift,
 )
 from mtflow.toy.prior import HeldOutSettings, evaluate_prior, load_prior_policy, render_uint8
 from mtflow.toy.world import ToyWorld
@@ -121,6 +122,38 @@ def test_the_shipped_vae_snaps_drifted_colours_back_onto_the_palette(prior):
         assert row["output_error"] < row["input_error"] / 3
 
 
+def test_vae_round_trip_drift_against_a_direct_diffusers_loop(prior):
+    """The repeated hand-off, recomputed with the AutoencoderKL alone (no packing, no scaling, which cancel) and a
+    brute-force nearest-colour labelling; then the property the README relies on: on the shipped VAE the error
+    compounds pass after pass but stays far below what the judge's 75 % edit-region test could notice."""
+    world = ToyWorld()
+    rows = vae_round_trip_drift(prior, world, passes=3, num_scenes=8, colour_tolerance=48.0)
+    scenes = [world.chain(i, "heldout").scenes[0] for i in range(8)]
+    truth = np.stack([world.spec.render_labels(s) for s in scenes])
+    palette = torch.tensor(world.spec.palette, dtype=torch.float64)
+    exact = render_uint8(world, scenes)
+    images = exact
+    vae = prior.vae
+    for row, n in zip(rows, (1, 2, 3)):
+        with torch.no_grad():
+            z = vae.encode(images.float() / 127.5 - 1.0).latent_dist.mode()
+            decoded = vae.decode(z).sample
+        images = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        rgb = images.permute(0, 2, 3, 1).double()
+        distance = (rgb[..., None, :] - palette).norm(dim=-1)  # [N, H, W, P]
+        nearest, label = distance.min(dim=-1)
+        label[nearest > 48.0] = -1
+        expected = 100.0 * (label.numpy() != truth).mean()
+        assert row["pass"] == n
+        assert row["label_error"] == pytest.approx(expected, abs=0.05)  # a pixel or two may round differently
+        assert row["rgb_error"] == pytest.approx(
+            float((images.float() - exact.float()).norm(dim=1).mean()), abs=0.5
+        )
+    errors = [r["label_error"] for r in rows]
+    assert 0.0 < errors[0] < errors[2] < 1.0
+    assert rows[0]["rgb_error"] < rows[2]["rgb_error"]
+
+
 def test_noisy_source_latents_adds_seeded_noise_and_restores_the_method(prior):
     world = ToyWorld()
     pixels = prior.images_to_pixels([world.pair(i, "heldout").to_edit_chain().source for i in range(3)])
@@ -140,7 +173,13 @@ def test_diagnosis_agrees_with_the_prior_evaluation_on_the_same_chains(prior):
     rollout (only the hand-off differs); noise 0 is the plain single-turn evaluation."""
     world = ToyWorld()
     settings = ExposureBiasSettings(
-        num_chains=12, num_pairs=12, source_noise=(0.0, 0.8), num_steps=4, batch_size=12, num_bootstrap=10
+        num_chains=12,
+        num_pairs=12,
+        source_noise=(0.0, 0.8),
+        num_steps=4,
+        batch_size=12,
+        num_bootstrap=10,
+        round_trip_passes=2,
     )
     diagnosis = diagnose_exposure_bias(prior, world, settings)
     recorded = evaluate_prior(
@@ -186,6 +225,10 @@ def test_diagnosis_agrees_with_the_prior_evaluation_on_the_same_chains(prior):
     table = format_diagnosis(diagnosis)
     assert "own output through latents" in table and "sigma 0.8" in table and "survivorship" in table
     assert [r["fade"] for r in diagnosis["vae_colour_snap"]] == [0.1, 0.2, 0.3] and "VAE hand-off" in table
+    assert [r["pass"] for r in diagnosis["vae_round_trip_drift"]] == [
+        1,
+        2,
+    ] and "VAE hand-off repeated" in table
     groups = diagnosis["teacher_forced_by_source_shapes"]
     assert sum(g["num_chains"] for g in groups.values()) == 12 and "by shapes in the source" in table
 
