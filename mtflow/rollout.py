@@ -8,6 +8,7 @@ turn's output is decoded to uint8 pixels and re-encoded as the next turn's refer
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,27 @@ class RolloutConfig:
     store_dtype: Literal["float32", "bfloat16"] = "float32"
     kernels: Literal["auto", "torch", "triton"] = "auto"
     chain_through: Literal["pixels", "latents"] = "pixels"
+
+    def __post_init__(self) -> None:
+        # Checked here, when a config is built, not minutes later in the first rollout (or never, for some).
+        for name in ("group_size", "num_steps", "forward_batch_size", "window_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"RolloutConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not math.isfinite(self.noise_level) or self.noise_level < 0:
+            raise ValueError(f"RolloutConfig.noise_level must be finite and >= 0, got {self.noise_level}")
+        choices = {
+            "stochastic": ("all", "window", "none"),
+            "store_dtype": tuple(STORE_DTYPES),
+            "kernels": ("auto", "torch", "triton"),
+            "chain_through": ("pixels", "latents"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RolloutConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if self.stochastic == "window" and self.window_size > self.num_steps:
+            raise ValueError(
+                f"RolloutConfig.window_size ({self.window_size}) exceeds num_steps ({self.num_steps})"
+            )
 
 
 @dataclass
@@ -207,8 +229,6 @@ def rollout(
     if len(turns) != 1:
         raise ValueError(f"all chains of a batch must have the same number of turns, got {sorted(turns)}")
     num_turns = turns.pop()
-    if config.chain_through not in ("pixels", "latents"):
-        raise ValueError(f"chain_through must be 'pixels' or 'latents', got {config.chain_through!r}")
     group = config.group_size
     num_chains = len(chains)
     n_total = num_chains * group

@@ -110,6 +110,26 @@ def test_bad_manifest_fails_before_training_with_line_numbers(tiny_kontext_path,
     assert not (tmp_path / "bad" / "version_0" / "metrics.csv").exists()  # nothing was rolled out
 
 
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("--model.group_size=1", "every advantage is 0"),
+        ("--model.noise_level=0", "GRPO needs stochastic"),
+        ("--model.noise_level=-1", "noise_level must be finite and >= 0"),
+        ("--model.forward_batch_size=0", "forward_batch_size must be >= 1"),
+        ("--model.eval_num_steps=0", "eval_num_steps must be >= 1"),
+    ],
+)
+def test_knobs_that_cannot_train_fail_when_the_module_is_built(tiny_kontext_path, tmp_path, override, needle):
+    """Refused at instantiation, with the reason, not after a model load and a rollout (or, for G = 1, never:
+    it used to run and learn nothing)."""
+    manifest = write_random_manifest(tmp_path / "data", num_chains=2, num_turns=2)
+    config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, num_turns=2, name="knob")
+    with pytest.raises(ValueError, match=needle):
+        main(["fit", "--config", str(write_config(config, tmp_path / "knob.yaml")), override])
+    assert not (tmp_path / "knob").exists()  # no run folder: nothing was loaded or rolled out
+
+
 def test_console_script_exits_zero_and_counts_progress_in_iterations(tiny_kontext_path, tmp_path):
     """The installed ``mtflow`` script (a subprocess, as a user runs it): a successful fit exits 0 without printing
     the CLI object, and the progress bar ends at max_iterations, not at the end of the epoch."""

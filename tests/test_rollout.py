@@ -156,6 +156,33 @@ def test_same_seed_same_rollout_and_adapter_matters(policy):
     assert not torch.equal(a.final_latents, base.final_latents)
 
 
+@pytest.mark.parametrize(
+    ("knob", "value"),
+    [
+        ("group_size", 0),
+        ("num_steps", 0),
+        ("forward_batch_size", 0),
+        ("window_size", 0),
+        ("noise_level", -0.5),
+        ("noise_level", float("nan")),
+        ("stochastic", "some"),
+        ("store_dtype", "float16"),
+        ("kernels", "cuda"),
+        ("chain_through", "latent"),
+    ],
+)
+def test_rollout_config_refuses_a_bad_knob_when_built(knob, value):
+    with pytest.raises(ValueError, match=f"RolloutConfig.{knob}"):
+        RolloutConfig(**{knob: value})
+
+
+def test_rollout_config_checks_the_window_against_the_steps():
+    with pytest.raises(ValueError, match=r"window_size \(5\) exceeds num_steps \(4\)"):
+        RolloutConfig(num_steps=4, stochastic="window", window_size=5)
+    RolloutConfig(num_steps=4, stochastic="window", window_size=4)  # the whole trajectory is a valid window
+    RolloutConfig(num_steps=4, stochastic="all", window_size=5)  # the window is unused outside window mode
+
+
 def test_bad_batches_are_refused(policy):
     with pytest.raises(ValueError, match="same number of turns"):
         rollout(policy, _chains(1, turns=2) + _chains(1, turns=3), RolloutConfig(group_size=1, num_steps=1))

@@ -203,6 +203,18 @@ class FlowRLModule(L.LightningModule):
         self.nft_config = NFTConfig(beta=nft_beta, a_max=adv_clip, beta_ref=nft_beta_ref)
         if updates_per_rollout < 1:
             raise ValueError(f"updates_per_rollout must be >= 1, got {updates_per_rollout}")
+        if group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2, got {group_size}: advantages are measured against the mean of the "
+                "chain's group, so with one trajectory per chain every advantage is 0 and nothing is learned"
+            )
+        if loss == "grpo" and noise_level <= 0:
+            raise ValueError(
+                f"GRPO needs stochastic (SDE) steps to train on: noise_level must be > 0, got {noise_level} "
+                "(NFT, loss: nft, trains from deterministic rollouts)"
+            )
+        if eval_num_steps is not None and eval_num_steps < 1:
+            raise ValueError(f"eval_num_steps must be >= 1 (or None for num_steps), got {eval_num_steps}")
         self.iteration = 0
         self.nonfinite_streak = 0
         self.last_rollout: RolloutPreview | None = None  # the first rows' images, for logging
