@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -119,11 +120,26 @@ def _with_default_config(argv: list[str]) -> list[str]:
     return argv
 
 
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ..." advertisements (for its cloud logger) from every run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
 def _lightning_main(args: Sequence[str] | None) -> MtflowCLI:
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningTips) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_DropLightningTips())
     # Frozen encoders are in eval mode on purpose (T5 dropout must stay off); Lightning warns about it.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # Lightning's own pytree helper calls a torch API torch now deprecates; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # We always pass the argument list (mtflow rewrites a bare `mtflow fit`); Lightning warns whenever that list is
+    # given while sys.argv holds arguments too, i.e. on every command a user types.
+    warnings.filterwarnings(
+        "ignore", message=r"LightningCLI's args parameter is intended to run from within Python"
+    )
     return MtflowCLI(
         FlowRLModule,
         ChainDataModule,

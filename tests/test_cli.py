@@ -157,6 +157,8 @@ def test_console_script_exits_zero_and_counts_progress_in_iterations(tiny_kontex
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MtflowCLI object" not in done.stdout + done.stderr
+    assert "args parameter is intended" not in done.stderr  # Lightning's warning about our own argument list
+    assert "Tip:" not in done.stdout + done.stderr  # nor its advertisement for a cloud logger
     assert "RL iterations" in done.stdout and "2/2" in done.stdout, done.stdout[-2000:]
     assert "8/8" not in done.stdout  # the epoch's length is not the bar's length
 
