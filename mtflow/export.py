@@ -59,7 +59,16 @@ def checkpoint_adapter(
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a checkpoint is data, never code to unpickle
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a truncated, corrupt or foreign file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{ckpt_path} is not a readable mtflow checkpoint (corrupt, truncated, or not a torch file?): "
+            f"{first_line}"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{ckpt_path} holds a {type(checkpoint).__name__}, not an mtflow fit checkpoint")
     info = checkpoint.get("mtflow")
     if info is None:
         raise ValueError(f"{ckpt_path} was not written by mtflow fit (no 'mtflow' section)")

@@ -252,3 +252,30 @@ def test_export_round_trip_into_a_stock_pipeline(tiny_kontext_path, manifest, tm
     pipe.unload_lora_weights()
     base = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert (base - theirs).abs().max() > 1e-3  # the LoRA really changes the output
+
+
+def test_export_refuses_missing_corrupt_and_foreign_checkpoints(tmp_path):
+    from mtflow.export import checkpoint_adapter
+
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        checkpoint_adapter(tmp_path / "missing.ckpt")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    truncated = tmp_path / "truncated.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(64)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    for path in (garbage, truncated):
+        with pytest.raises(ValueError, match="not a readable mtflow checkpoint"):
+            checkpoint_adapter(path)
+    listed = tmp_path / "list.ckpt"
+    torch.save([1, 2], listed)
+    with pytest.raises(ValueError, match="holds a list"):
+        checkpoint_adapter(listed)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="not written by mtflow fit"):
+        checkpoint_adapter(foreign)
+    other_adapter = tmp_path / "nft.ckpt"
+    torch.save({"state_dict": {}, "mtflow": {"adapters": ["default"], "lora": {"alpha": 8}}}, other_adapter)
+    with pytest.raises(ValueError, match=r"has adapters \['default'\], not 'ema'"):
+        checkpoint_adapter(other_adapter, "ema")
