@@ -279,3 +279,23 @@ def test_export_refuses_missing_corrupt_and_foreign_checkpoints(tmp_path):
     torch.save({"state_dict": {}, "mtflow": {"adapters": ["default"], "lora": {"alpha": 8}}}, other_adapter)
     with pytest.raises(ValueError, match=r"has adapters \['default'\], not 'ema'"):
         checkpoint_adapter(other_adapter, "ema")
+
+
+def test_resuming_with_other_lora_settings_or_adapters_is_refused_in_one_message(
+    tiny_kontext_path, manifest, tmp_path
+):
+    _fit(
+        tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 1}, name="r8"),
+        tmp_path,
+    )
+    ckpt = str(tmp_path / "r8" / "version_0" / "checkpoints" / "last.ckpt")
+    rank = torch.load(ckpt, map_location="cpu", weights_only=True)["mtflow"]["lora"]["rank"]
+    other = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 2}, name="other")
+    other["model"]["policy"]["init_args"]["lora_rank"] = rank * 2
+    with pytest.raises(ValueError, match=rf"LoRA rank {rank} in the checkpoint, {rank * 2} in this run"):
+        _fit(other, tmp_path, "--ckpt_path", ckpt)
+    nft = tiny_fit_config(
+        tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 2, "loss": "nft"}, name="nft"
+    )
+    with pytest.raises(ValueError, match=r"this run \(nft\) also needs \['old'\]"):
+        _fit(nft, tmp_path, "--ckpt_path", ckpt)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from mtflow.advantage import AdvantageConfig, AdvantageResult, Aggregation, compute_advantages
 from mtflow.data.loader import ChainBatch, chains_of
@@ -731,6 +732,7 @@ class FlowRLModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("mtflow", {})
+        self._check_resumable(state)
         self.iteration = int(state.get("iteration", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         saved = checkpoint.get("state_dict")  # FSDP strategies load it themselves and pop it
@@ -739,6 +741,42 @@ class FlowRLModule(L.LightningModule):
         missing = [k for k, _ in self.named_parameters() if "lora_" in k and k not in saved]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} LoRA tensors of this model, e.g. {missing[:3]}")
+
+    def _check_resumable(self, state: dict[str, Any]) -> None:
+        """Refuse, in one readable message, a checkpoint whose LoRA or adapters this run cannot take (instead of
+        a tensor-by-tensor size-mismatch dump); a different base path is only warned about (models move)."""
+        lora = state.get("lora")
+        if lora is None:
+            return  # not written by this trainer's on_save_checkpoint: the tensor checks below still apply
+        here = {
+            "rank": self.policy.lora_rank,
+            "alpha": self.policy.lora_alpha,
+            "targets": list(self.policy.lora_targets),
+        }
+        problems = [
+            f"LoRA {key} {lora.get(key)!r} in the checkpoint, {value!r} in this run"
+            for key, value in here.items()
+            if lora.get(key) != value
+        ]
+        needed = [TRAINED, *self.extra_adapters]
+        lacking = [a for a in needed if a not in state.get("adapters", [])]
+        if lacking:
+            problems.append(
+                f"adapters {state.get('adapters')} in the checkpoint, but this run ({self.loss_type}"
+                f"{', EMA' if EMA in needed else ''}) also needs {lacking}"
+            )
+        if problems:
+            raise ValueError(
+                "cannot resume from this checkpoint: "
+                + "; ".join(problems)
+                + ". Resume with the settings it was trained with, or start a new run from its adapter "
+                "(mtflow export writes it for diffusers)."
+            )
+        if state.get("pretrained") not in (None, self.policy.pretrained):
+            rank_zero_warn(
+                f"resuming adapters trained on {state['pretrained']!r} on top of {self.policy.pretrained!r}; "
+                "this is only right if both are the same base model"
+            )
 
 
 # ====================================================================== helpers
