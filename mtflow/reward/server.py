@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -457,6 +458,16 @@ class BackgroundServer:
         self.stop()
 
 
+def is_loopback(host: str) -> bool:
+    """True when ``host`` is reachable from this machine only (127.0.0.0/8, ::1, "localhost")."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: may resolve to any interface
+        return False
+
+
 class RewardServer:
     """The reward service process: a ``Scorer`` served over HTTP with dynamic batching."""
 
@@ -496,6 +507,12 @@ class RewardServer:
             if token_env not in os.environ:
                 raise ValueError(f"RewardServer: environment variable {token_env!r} (token_env) is not set")
             token = os.environ[token_env]
+        if token is None and not is_loopback(host):
+            log.warning(
+                "reward service bound to %s without a bearer token: anyone who can reach the port can spend the "
+                "judge's GPU time; set token or token_env",
+                host,
+            )
         self.scorer = scorer
         self.host = host
         self.port = port

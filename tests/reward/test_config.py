@@ -76,3 +76,20 @@ def test_remote_scorer_from_yaml(monkeypatch):
         and scorer.token == "t-2"
         and scorer.deadline_s == 30.0
     )
+
+
+def test_binding_beyond_loopback_without_a_token_is_warned_about(caplog):
+    from mtflow.reward.server import is_loopback
+    from mtflow.toy.judge import ToyJudge
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.3.2.1", "::1", "localhost")] == [True] * 4
+    assert [is_loopback(h) for h in ("0.0.0.0", "10.0.0.5", "::", "judge-host")] == [False] * 4
+    for host, token, warned in (
+        ("127.0.0.1", None, False),
+        ("0.0.0.0", "secret", False),
+        ("0.0.0.0", None, True),
+    ):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mtflow.reward.server"):
+            RewardServer(ToyJudge(), host=host, token=token)
+        assert ("without a bearer token" in caplog.text) is warned, (host, token)
