@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -246,3 +248,24 @@ def test_attention_backend_and_gradient_checkpointing_keep_the_numbers(tiny_kont
         torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-5)
     with pytest.raises(Exception, match="not_a_backend|backend"):
         run(attention_backend="not_a_backend")
+
+
+def test_instructions_longer_than_the_text_budget_are_warned_about_once(tiny_kontext_path):
+    policy = KontextPolicy(
+        str(tiny_kontext_path), dtype="float32", resolution=RES, max_sequence_length=8
+    ).load()
+    tokens = len(policy._require_loaded().tokenizer_2("make it red")["input_ids"])
+    assert tokens <= 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a short instruction: no warning
+        policy.encode_text(["make it red"])
+    long = "make it red. Then add a circle. Then remove the square. Then move the tree"
+    assert len(policy._require_loaded().tokenizer_2(long)["input_ids"]) > 8
+    with pytest.warns(
+        UserWarning, match=r"1 of 2 instructions are longer than max_sequence_length=8"
+    ) as caught:
+        policy.encode_text([long, "add a tree"])
+    assert long[:20] in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per policy
+        policy.encode_text([long + " again"])

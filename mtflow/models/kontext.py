@@ -136,6 +136,7 @@ class KontextPolicy(nn.Module):
         self._pipeline = None
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.text_encoder_calls = 0  # batches sent through the text encoders (tests assert on it)
+        self._warned_cut_text = False
         self.adapter_names: list[str] = []
 
     # ------------------------------------------------------------------ loading
@@ -352,6 +353,26 @@ class KontextPolicy(nn.Module):
         return torch.cat([target, reference], dim=0)
 
     # ------------------------------------------------------------------ text
+    def _warn_if_cut(self, pipe, texts: Sequence[str]) -> None:
+        """Once per policy: say plainly when instructions exceed ``max_sequence_length`` T5 tokens (the encoder
+        cuts them, so the editor never reads their end; e.g. the single-turn-merged baseline's K instructions in
+        one, on a model trained with short texts)."""
+        if self._warned_cut_text:
+            return
+        lengths = [len(ids) for ids in pipe.tokenizer_2(list(texts))["input_ids"]]
+        cut = [(n, t) for n, t in zip(lengths, texts) if n > self.max_sequence_length]
+        if cut:
+            self._warned_cut_text = True
+            longest, example = max(cut)
+            warnings.warn(
+                f"{len(cut)} of {len(texts)} instructions are longer than max_sequence_length="
+                f"{self.max_sequence_length} T5 tokens (longest: {longest}) and are cut, so the editor never reads "
+                f"their end, e.g. {example!r}. Raise max_sequence_length if the model was trained for longer "
+                "texts; otherwise results on these instructions (such as the single-turn-merged baseline) are "
+                "handicapped. This is said once per policy.",
+                stacklevel=2,
+            )
+
     @torch.no_grad()
     def encode_text(self, instructions: Sequence[str]) -> TextEmbeddings:
         """Encode each distinct instruction once (one batched encoder call for all cache misses)."""
@@ -360,6 +381,7 @@ class KontextPolicy(nn.Module):
         missing = [t for t in unique if t not in self._text_cache]
         fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if missing:
+            self._warn_if_cut(pipe, missing)
             prompt_embeds, pooled, _ = pipe.encode_prompt(
                 prompt=missing,
                 prompt_2=None,
