@@ -177,6 +177,34 @@ def test_merged_chain_joins_instructions():
     assert merged.chain_id == "c" and merged.num_turns == 1
 
 
+def test_grid_items_get_the_scores_of_their_own_rows():
+    from PIL import Image
+
+    from mtflow.eval.evaluate import ConditionScores
+    from mtflow.eval.metrics import MULTI_TURN
+    from mtflow.reward.base import ScoreBatch, ScoringItem
+
+    def batch(first: float, rows: int) -> tuple[ScoreBatch, list[ScoringItem]]:
+        values = torch.arange(rows * 2, dtype=torch.float32).reshape(rows, 2) + first
+        scores = ScoreBatch(values, values + 100, torch.ones(rows, 2, dtype=torch.bool))
+        image = Image.new("RGB", (4, 4))
+        items = [
+            ScoringItem(f"c{first + r}/g0", f"c{first + r}", image, [image, image], ["a", "b"])
+            for r in range(rows)
+        ]
+        return scores, items
+
+    condition = ConditionScores(kind=MULTI_TURN)
+    assert condition.item_scores() is None
+    for first, rows in ((0.0, 2), (10.0, 3)):  # 2 + 3 rows, 4 kept: both of batch 1, the first 2 of batch 2
+        scores, items = batch(first, rows)
+        condition.add([i.chain_id for i in items], scores, items, keep_items=4)
+    kept = condition.item_scores()
+    assert [i.chain_id for i in condition.items] == ["c0.0", "c1.0", "c10.0", "c11.0"]
+    assert kept.instruction_following[:, 0].tolist() == [0.0, 2.0, 10.0, 12.0]  # row r of batch: first + 2 r
+    assert kept.content_consistency[:, 1].tolist() == [101.0, 103.0, 111.0, 113.0]
+
+
 def test_metrics_drop_unscored_chains_in_evaluation(tiny_kontext_path, trained_run):
     root, manifest, config_path, ckpt = trained_run
     chains = [ManifestDataset(manifest, 2)[i] for i in range(4)]

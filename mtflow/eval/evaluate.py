@@ -112,6 +112,17 @@ class ConditionScores:
     def scores(self) -> ScoreBatch:
         return ScoreBatch.concat(self.batches)
 
+    def item_scores(self) -> ScoreBatch | None:
+        """[len(items), K] scores of the kept ``items`` (``add`` keeps the first rows, in order), for the image
+        grid's captions; None when no item is kept."""
+        if not self.items:
+            return None
+        rows = len(self.items)
+        scores = self.scores
+        return ScoreBatch(
+            scores.instruction_following[:rows], scores.content_consistency[:rows], scores.scored[:rows]
+        )
+
 
 def rollout_and_score(
     policy: EditPolicy,

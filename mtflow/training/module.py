@@ -707,7 +707,7 @@ class FlowRLModule(L.LightningModule):
         )
         if self.trainer.is_global_zero:
             primary = conditions[report.primary]
-            write_report(out_dir, report, grid_items=primary.items, grid_scores=None)
+            write_report(out_dir, report, grid_items=primary.items, grid_scores=primary.item_scores())
             print(render_markdown(report))
             print(f"evaluation report written to {out_dir}")
         self.log_dict(
