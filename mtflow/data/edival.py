@@ -295,7 +295,7 @@ def convert_edival(
 def build_arg_parser() -> argparse.ArgumentParser:
     """The ``convert-edival`` command line (shared by ``tools/convert_edival.py`` and ``mtflow data``)."""
     parser = argparse.ArgumentParser(
-        prog="convert-edival",
+        prog="mtflow data convert-edival",
         description="Turn the EdiVal-Bench instruction CSV into an mtflow JSONL manifest of three-turn chains.",
     )
     parser.add_argument("--csv", required=True, type=Path, help="oai_instruction_generation_output.csv")

@@ -1200,7 +1200,7 @@ def collect(
 def build_arg_parser() -> argparse.ArgumentParser:
     """``python -m mtflow.eval.sweep {expand,run,slurm,wandb,collect,mark-failed}``."""
     parser = argparse.ArgumentParser(
-        prog="mtflow-sweep", description="Expand, launch and collect ablation sweeps."
+        prog="mtflow sweep", description="Expand, launch and collect ablation sweeps."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

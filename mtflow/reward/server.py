@@ -563,7 +563,7 @@ def build_parser():
     """The jsonargparse parser of ``RewardServer`` (``--config`` YAML plus ``--port`` style overrides)."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="mtflow-reward-server", description="Serve an mtflow Scorer over HTTP.")
+    parser = ArgumentParser(prog="mtflow serve-reward", description="Serve an mtflow Scorer over HTTP.")
     parser.add_argument("--config", action="config", help="YAML with RewardServer's arguments")
     parser.add_class_arguments(RewardServer, nested_key=None, fail_untyped=True)
     return parser
