@@ -62,7 +62,7 @@ def checkpoint_adapter(
     try:  # weights_only: a checkpoint is data, never code to unpickle
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a truncated, corrupt or foreign file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(
             f"{ckpt_path} is not a readable mtflow checkpoint (corrupt, truncated, or not a torch file?): "
             f"{first_line}"

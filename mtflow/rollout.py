@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 from PIL import Image
@@ -60,14 +60,9 @@ class RolloutConfig:
                 raise ValueError(f"RolloutConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.noise_level) or self.noise_level < 0:
             raise ValueError(f"RolloutConfig.noise_level must be finite and >= 0, got {self.noise_level}")
-        choices = {
-            "stochastic": ("all", "window", "none"),
-            "store_dtype": tuple(STORE_DTYPES),
-            "kernels": ("auto", "torch", "triton"),
-            "chain_through": ("pixels", "latents"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        for name, annotation in get_type_hints(type(self)).items():  # the Literal fields' own choices
+            allowed = get_args(annotation) if get_origin(annotation) is Literal else None
+            if allowed and getattr(self, name) not in allowed:
                 raise ValueError(f"RolloutConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
         if self.stochastic == "window" and self.window_size > self.num_steps:
             raise ValueError(

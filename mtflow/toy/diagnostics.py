@@ -276,7 +276,6 @@ def marginal_change_intervals(
     return point
 
 
-@torch.no_grad()
 def vae_colour_snap(
     policy, world: ToyWorld, fades: Sequence[float], num_scenes: int = 64
 ) -> list[dict[str, Any]]:
@@ -290,13 +289,12 @@ def vae_colour_snap(
         exact rendering, of the faded input and of its round trip. ``output_error`` well below ``input_error``
         means the VAE snaps drifted colours back onto the palette.
     """
-    scenes = [world.chain(i, "heldout").scenes[0] for i in range(num_scenes)]
+    scenes = _heldout_sources(world, num_scenes)
     exact = render_uint8(world, scenes).float()
     rows = []
     for fade in fades:
         faded = render_uint8(world, scenes, fade)
-        latents = policy.encode_reference(policy.uint8_to_pixels(faded).to(policy.device))
-        round_trip = policy.decode(latents).float().cpu()
+        round_trip = _hand_off(policy, faded).float()
         rows.append(
             {
                 "fade": float(fade),
@@ -315,18 +313,18 @@ def vae_round_trip_drift(
 
     Returns:
         per pass n = 1 .. ``passes`` ``{"pass", "rgb_error", "label_error"}``: the mean per-pixel RGB distance
-        (0-441) from the exact rendering (the mean, since the drift sits on a few edge pixels), and the percent of pixels whose colour, snapped as the judge snaps it
-        (``snap_to_palette`` within ``colour_tolerance``), is no longer the ground-truth palette colour. Growth
-        with n is error that compounds along a chain even when every edit is perfect.
+        (0-441) from the exact rendering (the mean, since the drift sits on a few edge pixels), and the percent
+        of pixels whose colour, snapped as the judge snaps it (``snap_to_palette`` within ``colour_tolerance``),
+        is no longer the ground-truth palette colour. Growth with n is error that compounds along a chain even
+        when every edit is perfect.
     """
-    scenes = [world.chain(i, "heldout").scenes[0] for i in range(num_scenes)]
+    scenes = _heldout_sources(world, num_scenes)
     images = render_uint8(world, scenes)
     exact = images.float()
     truth = np.stack([world.spec.render_labels(s) for s in scenes]).astype(np.int64)
     rows = []
     for n in range(1, passes + 1):
-        latents = policy.encode_reference(policy.uint8_to_pixels(images).to(policy.device))
-        images = policy.decode(latents).cpu()
+        images = _hand_off(policy, images)
         labels = snap_to_palette(images.permute(0, 2, 3, 1).numpy(), world.spec.palette, colour_tolerance)
         rows.append(
             {
@@ -336,6 +334,16 @@ def vae_round_trip_drift(
             }
         )
     return rows
+
+
+def _heldout_sources(world: ToyWorld, num_scenes: int) -> list:
+    """The source scenes of the first ``num_scenes`` held-out chains."""
+    return [world.chain(i, "heldout").scenes[0] for i in range(num_scenes)]
+
+
+def _hand_off(policy, images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] uint8 -> the same after what lies between two chained turns: encode, decode to uint8 (CPU)."""
+    return policy.decode(policy.encode_reference(policy.uint8_to_pixels(images))).cpu()
 
 
 def _interval95(values: np.ndarray) -> tuple[float, float]:

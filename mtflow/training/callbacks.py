@@ -266,9 +266,8 @@ class HeldOutEvaluation(L.Callback):
         (folder / "before_after.json").write_text(
             json.dumps({"before": before.to_dict(), "after": after.to_dict()}, indent=2, allow_nan=False)
         )
-        model = raw[
-            "model"
-        ]  # the run-folder contract: <run>/eval/report.json, chains.png with per-turn scores
+        # the run-folder contract: <run>/eval/report.json, and chains.png captioned with per-turn scores
+        model = raw["model"]
         write_report(folder, after, grid_items=model.items, grid_scores=model.item_scores())
         print(f"\nheld-out chains, before RL -> after {pl_module.iteration} iterations:\n{table}")
         print(f"(written to {folder})")
