@@ -20,6 +20,7 @@ from PIL import Image
 from mtflow import kernels
 from mtflow.data.records import EditChain
 from mtflow.models.base import EditPolicy, TextEmbeddings
+from mtflow.reward.base import ScoreBatch, ScoringItem
 from mtflow.sampling import StochasticMode, stochastic_steps
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -126,31 +127,61 @@ class Rollout:
     def chain_of(self, n: int) -> int:
         return n // self.group_size
 
+    def item_id(self, n: int) -> str:
+        """Trajectory n's id for the judge and the logs: ``"<chain_id>/g<member>"``."""
+        return f"{self.chains[self.chain_of(n)].chain_id}/g{n % self.group_size}"
+
 
 @dataclass
 class RolloutPreview:
     """What logging keeps of a rollout after the update (the full ``Rollout`` is freed: at the paper setting it
-    holds hundreds of MB of states). R = number of rows kept.
+    holds hundreds of MB of states). R = number of rows kept: the first trajectories, n = 0 .. R - 1.
 
     Attributes:
         num_trajectories: N of the rollout.
         source_images: [R, 3, H, W] uint8, the source of each row's chain.
         images: [R, K, 3, H, W] uint8, the row's outputs.
+        item_ids: R ids ``"<chain_id>/g<member>"``, as the judge saw them.
+        chain_ids: R chain ids.
+        instructions: R lists of the K instructions.
+        scores: the judge's [R, K] scores of the rows (None before scoring).
     """
 
     num_trajectories: int
     source_images: torch.Tensor
     images: torch.Tensor
+    item_ids: list[str] = field(default_factory=list)
+    chain_ids: list[str] = field(default_factory=list)
+    instructions: list[list[str]] = field(default_factory=list)
+    scores: ScoreBatch | None = None
 
     @classmethod
-    def from_rollout(cls, result: Rollout, rows: int = 8) -> RolloutPreview:
+    def from_rollout(cls, result: Rollout, scores: ScoreBatch | None = None, rows: int = 8) -> RolloutPreview:
+        """Keep the first ``rows`` trajectories of ``result`` and, when given, their rows of ``scores``."""
         rows = min(rows, result.num_trajectories)
         chains = [result.chain_of(n) for n in range(rows)]
         return cls(
             num_trajectories=result.num_trajectories,
             source_images=result.source_images[chains].cpu(),
             images=result.images[:rows].cpu(),
+            item_ids=[result.item_id(n) for n in range(rows)],
+            chain_ids=[result.chains[b].chain_id for b in chains],
+            instructions=[list(result.chains[b].instructions) for b in chains],
+            scores=None if scores is None else scores.first(rows),
         )
+
+    def items(self) -> list[ScoringItem]:
+        """The rows as judge items (PIL images), e.g. for ``save_chain_grid``."""
+        return [
+            ScoringItem(
+                item_id=self.item_ids[r],
+                chain_id=self.chain_ids[r],
+                source=uint8_to_pil(self.source_images[r]),
+                outputs=[uint8_to_pil(image) for image in self.images[r]],
+                instructions=self.instructions[r],
+            )
+            for r in range(self.images.shape[0])
+        ]
 
 
 def uint8_to_pil(image: torch.Tensor) -> Image.Image:

@@ -52,7 +52,7 @@ def scoring_items(result: Rollout) -> list[ScoringItem]:
         chain = result.chains[b]
         items.append(
             ScoringItem(
-                item_id=f"{chain.chain_id}/g{n % result.group_size}",
+                item_id=result.item_id(n),
                 chain_id=chain.chain_id,
                 source=sources[b],
                 outputs=[uint8_to_pil(images[n, k]) for k in range(result.num_turns)],
@@ -117,11 +117,7 @@ class ConditionScores:
         grid's captions; None when no item is kept."""
         if not self.items:
             return None
-        rows = len(self.items)
-        scores = self.scores
-        return ScoreBatch(
-            scores.instruction_following[:rows], scores.content_consistency[:rows], scores.scored[:rows]
-        )
+        return self.scores.first(len(self.items))
 
 
 def rollout_and_score(

@@ -299,7 +299,10 @@ def save_chain_grid(
         for column, (image, caption) in enumerate(zip([item.source, *item.outputs], captions)):
             left = padding + column * cell_width
             top = padding + row * cell_height
-            fitted = ImageOps.contain(image.convert("RGB"), (cell_size, cell_size))
+            # magnify with NEAREST so a small image's pixels (a toy world's edges) stay visible; shrink smoothly
+            magnify = max(image.size) <= cell_size
+            resample = Image.Resampling.NEAREST if magnify else Image.Resampling.BICUBIC
+            fitted = ImageOps.contain(image.convert("RGB"), (cell_size, cell_size), method=resample)
             offset = ((cell_size - fitted.width) // 2, (cell_size - fitted.height) // 2)
             grid.paste(fitted, (left + offset[0], top + offset[1]))
             boxes[(row, column)] = (

@@ -94,6 +94,15 @@ class ScoreBatch:
         """[N] bool: every turn of the trajectory was scored (only these may receive an advantage)."""
         return self.scored.all(dim=1)
 
+    def first(self, rows: int) -> ScoreBatch:
+        """The first ``rows`` items' scores (diagnostics too), e.g. for an image grid's captions."""
+        return ScoreBatch(
+            self.instruction_following[:rows].clone(),
+            self.content_consistency[:rows].clone(),
+            self.scored[:rows].clone(),
+            diagnostics=self.diagnostics[:rows],
+        )
+
     @classmethod
     def unscored(cls, num_items: int, num_turns: int, reason: str) -> ScoreBatch:
         """A batch in which nothing was scored, with ``reason`` in every diagnostic."""

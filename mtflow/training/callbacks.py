@@ -11,9 +11,10 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.callbacks import RichProgressBar
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from mtflow.eval.report import save_chain_grid
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -29,67 +30,49 @@ def run_dir(trainer: L.Trainer) -> Path:
     return cached
 
 
-def rollout_grid(
-    source: torch.Tensor, outputs: torch.Tensor, labels: list[str] | None = None, pad: int = 2
-) -> Image.Image:
-    """Rows of (source, turn 1..K) images.
-
-    Args:
-        source: [R, 3, H, W] uint8, the source of each row.
-        outputs: [R, K, 3, H, W] uint8, the turns of each row.
-        labels: optional text per row, drawn on the source tile.
-    """
-    rows, turns, _, height, width = outputs.shape
-    canvas = Image.new(
-        "RGB", ((turns + 1) * (width + pad) + pad, rows * (height + pad) + pad), (255, 255, 255)
-    )
-    for r in range(rows):
-        tiles = [source[r]] + [outputs[r, k] for k in range(turns)]
-        for c, tile in enumerate(tiles):
-            array = tile.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
-            canvas.paste(Image.fromarray(array), (pad + c * (width + pad), pad + r * (height + pad)))
-        if labels:
-            ImageDraw.Draw(canvas).text(
-                (pad + 1, pad + r * (height + pad)), labels[r][:12], fill=(255, 255, 255)
-            )
-    return canvas
-
-
 class RolloutImageLogger(L.Callback):
-    """Every ``every_n_iterations``, save a grid (source, turn 1..K) of the latest rollout and send it to the
+    """Every ``every_n_iterations``, save a grid of the latest rollout (one row per trajectory: source, turn 1..K,
+    each turn captioned with the judge's IF / CC and its instruction, as ``eval/chains.png``) and send it to the
     loggers that take images (TensorBoard, W&B)."""
 
-    def __init__(self, every_n_iterations: int = 10, max_rows: int = 4, upscale: int = 4) -> None:
+    def __init__(self, every_n_iterations: int = 10, max_rows: int = 4, cell_size: int = 160) -> None:
         """
         Args:
             every_n_iterations: log a grid after every this many RL iterations (0 disables).
-            max_rows: trajectories shown (the first members of the first groups).
-            upscale: nearest-neighbour magnification of small images.
+            max_rows: trajectories shown (the first members of the first groups, so a group's spread is visible).
+            cell_size: each image is fitted into a square of this many pixels (small images are magnified).
         """
         self.every_n_iterations = every_n_iterations
         self.max_rows = max_rows
-        self.upscale = upscale
+        self.cell_size = cell_size
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         folder = run_dir(trainer) / "images"  # on every rank: run_dir may broadcast
-        result = getattr(pl_module, "last_rollout", None)
-        if not trainer.is_global_zero or not self.every_n_iterations or result is None:
+        preview = getattr(pl_module, "last_rollout", None)
+        if not trainer.is_global_zero or not self.every_n_iterations or preview is None:
             return
         if pl_module.iteration % self.every_n_iterations:
             return
-        rows = min(self.max_rows, result.images.shape[0])
-        grid = rollout_grid(result.source_images[:rows], result.images[:rows])
-        if self.upscale > 1:
-            grid = grid.resize((grid.width * self.upscale, grid.height * self.upscale), Image.NEAREST)
-        folder.mkdir(parents=True, exist_ok=True)
-        grid.save(folder / f"rollout_iter{pl_module.iteration:06d}.png")
+        path = folder / f"rollout_iter{pl_module.iteration:06d}.png"
+        save_chain_grid(
+            path, preview.items(), preview.scores, max_chains=self.max_rows, cell_size=self.cell_size
+        )
         step = pl_module.iteration
-        for logger in trainer.loggers:
+        loggers = [logger for logger in trainer.loggers if _takes_images(logger)]
+        if not loggers:
+            return
+        with Image.open(path) as saved:
+            grid = saved.convert("RGB")
+        for logger in loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard
                 experiment.add_image("rollout", np.asarray(grid), step, dataformats="HWC")
-            elif hasattr(logger, "log_image"):  # W&B
+            else:  # W&B
                 logger.log_image("rollout", [grid], step=step)
+
+
+def _takes_images(logger) -> bool:
+    return hasattr(getattr(logger, "experiment", None), "add_image") or hasattr(logger, "log_image")
 
 
 class IterationCheckpoint(L.Callback):

@@ -218,8 +218,7 @@ class FlowRLModule(L.LightningModule):
             raise ValueError(f"eval_num_steps must be >= 1 (or None for num_steps), got {eval_num_steps}")
         self.iteration = 0
         self.nonfinite_streak = 0
-        self.last_rollout: RolloutPreview | None = None  # the first rows' images, for logging
-        self.last_scores: ScoreBatch | None = None
+        self.last_rollout: RolloutPreview | None = None  # the first rows' images and scores, for logging
         self._executor: ThreadPoolExecutor | None = None
         self._eval: dict[str, ConditionScores] = {}
 
@@ -268,7 +267,7 @@ class FlowRLModule(L.LightningModule):
         if isinstance(batch, ChainBatch):
             batch.mark_consumed()
         self.iteration += 1
-        self.last_rollout, self.last_scores = RolloutPreview.from_rollout(result), scores
+        self.last_rollout = RolloutPreview.from_rollout(result, scores)
         elapsed = time.perf_counter() - started
         stats = {
             **result.stats,
