@@ -33,23 +33,31 @@ Reference points: a perfect edit scores IF 5; an untouched image (y_k = y_{k-1} 
 IF = 1 + 4 * wrong_colour_credit = 3 (default); moving an object correctly but painting it the wrong colour
 scores 1 + 4 * (1 + 0.5) / 2 = 4; removing an object that should have moved scores 3.
 
-**CC (content consistency), turn k, relative to the source (EdiVal's choice).** Preserved region
-U_k = pixels whose ground-truth label is the same in every one of T_0 .. T_k: what no instruction so far should
-have touched. Comparing against the source (not the previous target) means an earlier turn's failed edit does not
-count against later turns' CC, while damage to never-edited content keeps counting at every later turn (drift).
-U_k is split into *units* by the source instance map (the background, and each object of the source), and each
-unit weighs the same, so destroying a small untouched object costs as much as repainting the whole background:
+**CC (content consistency), turn k.** Turn k may change only its edit region E_k; every other pixel is checked,
+in two parts:
 
-    m_CC = mean_units ( sum_p w(p) [out(p) == T_0(p)] / sum_p w(p) ),      CC = 1 + 4 m_CC.
+- *Never edited* U_k = pixels whose ground-truth label is the same in every one of T_0 .. T_k, compared against
+  the source T_0 (EdiVal's choice): damage to content no instruction has touched keeps counting at every later
+  turn (drift).
+- *Delivered by an earlier turn* D_k = pixels that turn k must keep (T_{k-1} == T_k) but that an earlier turn
+  changed, restricted to those the output turn k received got right (y_{k-1}(p) == T_{k-1}(p)), compared against
+  T_k. A later turn that wrecks an earlier edit (repaints a changed background, smears an added object) pays for
+  it, while an earlier turn's *failed* edit never counts again (those pixels are not in D_k).
 
-An untouched output (y_k equal to the previous ground truth) scores CC 5.
+Each part is split into *units* of equal weight, so destroying a small object costs as much as repainting the whole
+background: U_k by the source's instance map (the background, and each object of S_0), D_k by S_k's (the
+background, and each object of S_k):
+
+    m_CC = mean_units ( sum_p w(p) [out(p) == T_ref(p)] / sum_p w(p) ),      CC = 1 + 4 m_CC,
+
+with T_ref = T_0 on U_k and T_k on D_k. An untouched output (y_k equal to the previous ground truth) scores CC 5.
 
 **Success** (DESIGN.md section 7): a turn succeeds when IF >= 4, i.e. m_IF >= 0.75 (``SUCCESS_THRESHOLD``).
 
-**Never invented.** A turn whose E_k or U_k is empty (impossible for world-generated chains, which keep at least
-``min_preserved_fraction`` of the image in U_k) is NaN with ``scored`` False; so is every turn of an item whose
-metadata is missing or malformed, whose instructions differ from the ground truth's, or whose output count does
-not match. The reason is in that item's diagnostic.
+**Never invented.** A turn whose E_k is empty, or whose U_k and D_k both are (impossible for world-generated
+chains, which keep at least ``min_preserved_fraction`` of the image in U_k), is NaN with ``scored`` False; so is
+every turn of an item whose metadata is missing or malformed, whose instructions differ from the ground truth's,
+or whose output count does not match. The reason is in that item's diagnostic.
 
 ``collapse_to_single_turn`` rewrites a chain's metadata as one turn S_0 -> S_K, to judge the single-turn-merged
 baseline (all instructions delivered at once) on the same chains.
@@ -177,7 +185,7 @@ class ExactScores:
         if_match: [N, K] float64 m_IF in [0, 1]; NaN where the edit region is empty.
         cc_preserved: [N, K] float64 m_CC in [0, 1]; NaN where the preserved region is empty.
         edit_pixels: [N, K] int64 pixels in the edit region E_k.
-        preserved_pixels: [N, K] int64 pixels in the preserved region U_k.
+        preserved_pixels: [N, K] int64 pixels checked by CC (U_k and D_k).
         off_palette: [N, K] float64 share of the output's pixels that snapped to no palette colour.
     """
 
@@ -201,7 +209,7 @@ class ExactScores:
 def exact_scores(
     truth_labels: np.ndarray,
     output_labels: np.ndarray,
-    source_instances: np.ndarray,
+    scene_instances: np.ndarray,
     label_is_shape_color: np.ndarray,
     edge_weight: float = 0.25,
     wrong_colour_credit: float = 0.5,
@@ -211,22 +219,26 @@ def exact_scores(
     Args:
         truth_labels: [N, K + 1, H, W] int, ground-truth label maps T_0 .. T_K (values in [0, P)).
         output_labels: [N, K, H, W] int, snapped outputs y_1 .. y_K (values in [-1, P); -1 off palette).
-        source_instances: [N, H, W] int, 0 on the source's background, i + 1 on its object i.
+        scene_instances: [N, K + 1, H, W] int, instance maps of S_0 .. S_K: 0 on the background, i + 1 on the
+            scene's object i.
         label_is_shape_color: [P] bool, True for shape-palette labels.
         edge_weight: weight of edge pixels (in (0, 1]).
         wrong_colour_credit: score of a changed pixel with a wrong colour of the right kind (in [0, 1)).
     Returns:
         ``ExactScores`` with [N, K] arrays.
     """
-    if truth_labels.ndim != 4 or output_labels.ndim != 4 or source_instances.ndim != 3:
+    if truth_labels.ndim != 4 or output_labels.ndim != 4 or scene_instances.ndim != 4:
         raise ValueError(
-            f"expected truth [N, K+1, H, W], outputs [N, K, H, W], instances [N, H, W]; got {truth_labels.shape}, "
-            f"{output_labels.shape}, {source_instances.shape}"
+            f"expected truth [N, K+1, H, W], outputs [N, K, H, W], instances [N, K+1, H, W]; got {truth_labels.shape}, "
+            f"{output_labels.shape}, {scene_instances.shape}"
         )
     n, k1, h, w = truth_labels.shape
     k = k1 - 1
-    if output_labels.shape != (n, k, h, w) or source_instances.shape != (n, h, w):
-        raise ValueError(f"shape mismatch: truth {truth_labels.shape}, outputs {output_labels.shape}")
+    if output_labels.shape != (n, k, h, w) or scene_instances.shape != truth_labels.shape:
+        raise ValueError(
+            f"shape mismatch: truth {truth_labels.shape}, outputs {output_labels.shape}, "
+            f"instances {scene_instances.shape}"
+        )
     if not 0.0 < edge_weight <= 1.0 or not 0.0 <= wrong_colour_credit < 1.0:
         raise ValueError(
             f"need 0 < edge_weight <= 1 and 0 <= wrong_colour_credit < 1, got {edge_weight}, {wrong_colour_credit}"
@@ -249,20 +261,27 @@ def exact_scores(
         transition, w_if.reshape(n * k, -1), pixel_if.reshape(n * k, -1), n * k, num_labels * num_labels
     )
 
-    # CC on the never-changed region, against the source, grouped by source instance.
+    # CC: the never-edited region against the source, grouped by source instance; the region delivered by an
+    # earlier turn (and received right) against the target, grouped by the target scene's instances.
     never_changed = np.logical_and.accumulate(target == source, axis=1)
-    w_cc = np.where(never_changed, np.where(edges[:, :1] | edges[:, 1:], edge_weight, 1.0), 0.0)
-    preserved = (out == source).astype(np.float64)
-    instances = np.broadcast_to(source_instances[:, None].astype(np.int64), (n, k, h, w))
-    num_units = int(source_instances.max(initial=0)) + 1
+    received = np.concatenate([source, out[:, :-1]], axis=1)  # what turn k was handed (turn 1: the source)
+    delivered = (prev == target) & ~never_changed & (received == prev)
+    w_never = np.where(edges[:, :1] | edges[:, 1:], edge_weight, 1.0)
+    w_delivered = np.where(edges[:, :-1] | edges[:, 1:], edge_weight, 1.0)
+    w_cc = np.where(never_changed, w_never, np.where(delivered, w_delivered, 0.0))
+    preserved = np.where(never_changed, out == source, out == target).astype(np.float64)
+    instances = scene_instances.astype(np.int64)
+    source_units = int(instances[:, 0].max(initial=0)) + 1
+    units = np.where(never_changed, instances[:, :1], source_units + instances[:, 1:])
+    num_units = source_units + int(instances[:, 1:].max(initial=0)) + 1
     cc_preserved = _grouped_mean_of_means(
-        instances.reshape(n * k, -1), w_cc.reshape(n * k, -1), preserved.reshape(n * k, -1), n * k, num_units
+        units.reshape(n * k, -1), w_cc.reshape(n * k, -1), preserved.reshape(n * k, -1), n * k, num_units
     )
     return ExactScores(
         if_match=if_match.reshape(n, k),
         cc_preserved=cc_preserved.reshape(n, k),
         edit_pixels=edit.sum(axis=(2, 3)),
-        preserved_pixels=never_changed.sum(axis=(2, 3)),
+        preserved_pixels=(never_changed | delivered).sum(axis=(2, 3)),
         off_palette=(~on_palette).mean(axis=(2, 3)),
     )
 
@@ -403,7 +422,7 @@ class ToyJudge:
             for i, scenes in members:
                 try:
                     t = np.stack([self._map(spec_key, spec, s, "labels") for s in scenes])
-                    inst = self._map(spec_key, spec, scenes[0], "instances")
+                    inst = np.stack([self._map(spec_key, spec, scene, "instances") for scene in scenes])
                     o = np.stack([self._pixels(im, spec.image_size) for im in items[i].outputs])
                 except (ValueError, KeyError, TypeError, OSError) as err:
                     diagnostics[i].update(status="unscored", error=f"item {items[i].item_id!r}: {err}")

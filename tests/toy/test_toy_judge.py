@@ -204,10 +204,16 @@ def reference_scores(truth, outputs, instances, is_shape, edge_weight, credit):
                         g = groups.setdefault((prev[y, x], tgt[y, x]), [0.0, 0.0])
                         g[0] += wt * s
                         g[1] += wt
-                    if all(truth[i, j, y, x] == src[y, x] for j in range(k + 1)):
+                    handed = src[y, x] if k == 1 else outputs[i, k - 2, y, x]  # what turn k received
+                    if all(truth[i, j, y, x] == src[y, x] for j in range(k + 1)):  # never edited: vs source
                         wt = edge_weight if (is_edge(src, y, x) or is_edge(tgt, y, x)) else 1.0
-                        u = units.setdefault(instances[i, y, x], [0.0, 0.0])
+                        u = units.setdefault(("source", instances[i, 0, y, x]), [0.0, 0.0])
                         u[0] += wt * float(out[y, x] == src[y, x])
+                        u[1] += wt
+                    elif prev[y, x] == tgt[y, x] and handed == prev[y, x]:  # an earlier turn's delivered edit
+                        wt = edge_weight if (is_edge(prev, y, x) or is_edge(tgt, y, x)) else 1.0
+                        u = units.setdefault(("target", instances[i, k, y, x]), [0.0, 0.0])
+                        u[0] += wt * float(out[y, x] == tgt[y, x])
                         u[1] += wt
             if groups:
                 if_out[i, k - 1] = np.mean([a / b for a, b in groups.values()])
@@ -222,7 +228,7 @@ def test_exact_scores_match_a_float64_reference_on_random_outputs():
     rng = np.random.default_rng(5)
     chains = [world.chain(i) for i in range(6)]
     truth = np.stack([np.stack([spec.render_labels(s) for s in c.scenes]) for c in chains]).astype(np.int64)
-    instances = np.stack([spec.render_instances(c.scenes[0]) for c in chains])
+    instances = np.stack([np.stack([spec.render_instances(scene) for scene in c.scenes]) for c in chains])
     # outputs: the ground truth with a third of the pixels replaced by random labels (some off palette)
     outputs = truth[:, 1:].copy()
     mask = rng.random(outputs.shape) < 0.33
@@ -241,12 +247,13 @@ def test_unscorable_items_are_flagged_not_zeroed(judge):
     ok = item(good, good.scenes[1:], "ok")
     missing = ScoringItem("missing", "c", ok.source, ok.outputs, ok.instructions, {})
     wrong_text = ScoringItem("text", good.chain_id, ok.source, ok.outputs, ["x", "y", "z"], good.metadata())
-    # a hand-made chain whose turn 2 leaves nothing to preserve (background changed, only object removed)
+    # a hand-made chain whose turn 2 leaves nothing to preserve: the background changed, the only object is removed,
+    # and turn 1's output left the old background (so no earlier edit was delivered either)
     one = Scene("white", (RED_CIRCLE,))
     empty_chain = make_chain(
         one, [Edit("background_change", new_background="black"), Edit("subject_remove", RED_CIRCLE)]
     )
-    empty = item(empty_chain, empty_chain.scenes[1:], "empty")
+    empty = item(empty_chain, [one, empty_chain.scenes[2]], "empty")
     short = ScoringItem(
         "short", good.chain_id, ok.source, ok.outputs[:2], ok.instructions[:2], good.metadata()
     )
@@ -259,7 +266,7 @@ def test_unscorable_items_are_flagged_not_zeroed(judge):
     assert batch.trajectory_scored.tolist() == [True, False, False]
     if_, cc, batch = scores(judge, [empty, short])
     assert batch.scored[0].tolist() == [True, False] and math.isnan(if_[0, 1]) and math.isnan(cc[0, 1])
-    assert if_[0, 0] == 5 and "turn 2: nothing left that should be preserved" in batch.diagnostics[0]["error"]
+    assert if_[0, 0] == 1 and "turn 2: nothing left that should be preserved" in batch.diagnostics[0]["error"]
     assert not batch.scored[1].any() and "ground truth has 3 turns" in batch.diagnostics[1]["error"]
 
 
@@ -304,3 +311,36 @@ def test_collapsed_single_turn_scores_the_merged_edit(judge):
     assert batch.scored.all()
     np.testing.assert_allclose(if_[:, 0], [5.0, 1.0, 3.0])  # two transitions: red->green, blue->white
     assert (cc == 5).all()
+
+
+def test_cc_charges_a_later_turn_that_wrecks_an_earlier_edit_but_not_an_earlier_failure(judge):
+    chain = make_chain(
+        SOURCE,
+        [
+            Edit("subject_add", new_shape="triangle", new_color="green", new_cell=(0, 1)),
+            Edit("background_change", new_background="black"),
+        ],
+    )
+    added, repainted = chain.scenes[1], chain.scenes[2]
+    # turn 2 changes the background right but erases the triangle turn 1 added: turn 2's units are the circle and
+    # the square (never edited, intact) and the triangle (delivered by turn 1, lost): CC = 1 + 4 * (1 + 1 + 0) / 3
+    erased = Scene("black", SOURCE.objects)
+    if_, cc, _ = scores(judge, [item(chain, [added, erased]), item(chain, [added, repainted])])
+    assert if_[0].tolist() == [5, 5] and cc[0, 0] == 5
+    assert cc[0, 1] == pytest.approx(1 + 4 * 2 / 3)
+    assert cc[1].tolist() == [5, 5]
+    # turn 1 failed (no triangle): its failure is not charged again to turn 2, which has nothing of it to keep
+    if_, cc, _ = scores(judge, [item(chain, [SOURCE, erased])])
+    assert if_[0, 0] == 1 and if_[0, 1] == 5 and cc[0].tolist() == [5, 5]
+
+    # a background changed by turn 1 and repainted by turn 2: the square is intact, the new background is lost
+    chain = make_chain(
+        SOURCE,
+        [
+            Edit("background_change", new_background="black"),
+            Edit("color_alter", RED_CIRCLE, new_color="green"),
+        ],
+    )
+    green = ToyObject((0, 0), "circle", "green")
+    if_, cc, _ = scores(judge, [item(chain, [chain.scenes[1], Scene("gray", (green, BLUE_SQUARE))])])
+    assert if_[0].tolist() == [5, 5] and cc[0, 0] == 5 and cc[0, 1] == pytest.approx(1 + 4 * (1 + 0) / 2)
