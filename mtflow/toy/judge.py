@@ -213,6 +213,7 @@ def exact_scores(
     label_is_shape_color: np.ndarray,
     edge_weight: float = 0.25,
     wrong_colour_credit: float = 0.5,
+    protect_earlier_edits: bool = True,
 ) -> ExactScores:
     """IF and CC matches of N trajectories (formulas in the module docstring).
 
@@ -224,6 +225,7 @@ def exact_scores(
         label_is_shape_color: [P] bool, True for shape-palette labels.
         edge_weight: weight of edge pixels (in (0, 1]).
         wrong_colour_credit: score of a changed pixel with a wrong colour of the right kind (in [0, 1)).
+        protect_earlier_edits: CC also checks D_k (False: U_k only, the judge before D_k was added).
     Returns:
         ``ExactScores`` with [N, K] arrays.
     """
@@ -265,7 +267,7 @@ def exact_scores(
     # earlier turn (and received right) against the target, grouped by the target scene's instances.
     never_changed = np.logical_and.accumulate(target == source, axis=1)
     received = np.concatenate([source, out[:, :-1]], axis=1)  # what turn k was handed (turn 1: the source)
-    delivered = (prev == target) & ~never_changed & (received == prev)
+    delivered = (prev == target) & ~never_changed & (received == prev) & protect_earlier_edits
     w_never = np.where(edges[:, :1] | edges[:, 1:], edge_weight, 1.0)
     w_delivered = np.where(edges[:, :-1] | edges[:, 1:], edge_weight, 1.0)
     w_cc = np.where(never_changed, w_never, np.where(delivered, w_delivered, 0.0))
@@ -329,6 +331,7 @@ class ToyJudge:
         wrong_colour_credit: float = 0.5,
         check_instructions: bool = True,
         cache_size: int = 65536,
+        protect_earlier_edits: bool = True,
     ) -> None:
         """
         Args:
@@ -337,6 +340,7 @@ class ToyJudge:
             wrong_colour_credit: IF credit of a changed pixel painted a wrong colour of the right kind, in [0, 1).
             check_instructions: refuse to score items whose instructions differ from the ground truth's.
             cache_size: rendered ground-truth label maps kept in memory (LRU).
+            protect_earlier_edits: CC also checks what earlier turns delivered (D_k); False scores U_k only (ablation).
         """
         if colour_tolerance <= 0:
             raise ValueError(f"colour_tolerance must be > 0, got {colour_tolerance}")
@@ -349,6 +353,7 @@ class ToyJudge:
         self.wrong_colour_credit = wrong_colour_credit
         self.check_instructions = check_instructions
         self.cache_size = cache_size
+        self.protect_earlier_edits = protect_earlier_edits
         self._specs: dict[str, RenderSpec] = {}
         self._maps: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
         self._tables: dict[bytes, np.ndarray] = {}
@@ -445,6 +450,7 @@ class ToyJudge:
                     spec.label_is_shape_color,
                     self.edge_weight,
                     self.wrong_colour_credit,
+                    self.protect_earlier_edits,
                 )
                 for c in range(0, len(rows), _CHUNK)
             ]

@@ -558,6 +558,7 @@ def evaluate_prior(
             "colour_tolerance": judge.colour_tolerance,
             "edge_weight": judge.edge_weight,
             "wrong_colour_credit": judge.wrong_colour_credit,
+            "protect_earlier_edits": judge.protect_earlier_edits,
         },
         "single_turn": {
             "num_pairs": settings.num_pairs,

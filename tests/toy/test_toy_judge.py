@@ -329,6 +329,9 @@ def test_cc_charges_a_later_turn_that_wrecks_an_earlier_edit_but_not_an_earlier_
     assert if_[0].tolist() == [5, 5] and cc[0, 0] == 5
     assert cc[0, 1] == pytest.approx(1 + 4 * 2 / 3)
     assert cc[1].tolist() == [5, 5]
+    # the ablation without D_k checks the never-edited circle and square only, so the erased triangle is free
+    _, unprotected, _ = scores(ToyJudge(protect_earlier_edits=False), [item(chain, [added, erased])])
+    assert unprotected[0].tolist() == [5, 5]
     # turn 1 failed (no triangle): its failure is not charged again to turn 2, which has nothing of it to keep
     if_, cc, _ = scores(judge, [item(chain, [SOURCE, erased])])
     assert if_[0, 0] == 1 and if_[0, 1] == 5 and cc[0].tolist() == [5, 5]
