@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
@@ -269,3 +270,19 @@ def test_instructions_longer_than_the_text_budget_are_warned_about_once(tiny_kon
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per policy
         policy.encode_text([long + " again"])
+    # the pipeline's own notice (which decodes the cut from CLIP's length: a list of empty strings) is dropped
+    pipe = policy._require_loaded()
+    notices: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: notices.append(record.getMessage())
+    pipeline_logger = logging.getLogger(type(pipe).__module__)
+    pipeline_logger.addHandler(handler)
+    try:
+        policy.encode_text([long + " and more"])
+        assert not [n for n in notices if "was truncated because `max_sequence_length`" in n]
+        pipe.encode_prompt(prompt=[long + " once more"], prompt_2=None, max_sequence_length=8)
+        assert [
+            n for n in notices if "was truncated because `max_sequence_length`" in n
+        ]  # without the filter
+    finally:
+        pipeline_logger.removeHandler(handler)

@@ -15,6 +15,7 @@ KL reference. Switching adapters never changes which parameters are trainable (p
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -382,12 +383,13 @@ class KontextPolicy(nn.Module):
         fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if missing:
             self._warn_if_cut(pipe, missing)
-            prompt_embeds, pooled, _ = pipe.encode_prompt(
-                prompt=missing,
-                prompt_2=None,
-                device=self.device,
-                max_sequence_length=self.max_sequence_length,
-            )
+            with _without_t5_cut_notice(pipe):
+                prompt_embeds, pooled, _ = pipe.encode_prompt(
+                    prompt=missing,
+                    prompt_2=None,
+                    device=self.device,
+                    max_sequence_length=self.max_sequence_length,
+                )
             self.text_encoder_calls += 1
             fresh = {t: (prompt_embeds[i], pooled[i]) for i, t in enumerate(missing)}
         rows = [fresh[t] if t in fresh else self._text_cache[t] for t in unique]
@@ -504,3 +506,23 @@ class KontextPolicy(nn.Module):
     def save_pretrained_base(self, path: str | Path) -> None:
         """Save the (frozen) base pipeline, e.g. to reuse a trained toy prior as a checkpoint folder."""
         self._require_loaded().save_pretrained(path)
+
+
+class _DropT5CutNotice(logging.Filter):
+    """Drops the pipeline's own T5 truncation notice: it decodes the cut tokens from CLIP's length (77) instead of
+    ``max_sequence_length``, so with a short budget it lists empty strings, one per prompt; ``_warn_if_cut`` says
+    it once, with the numbers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was truncated because `max_sequence_length`" not in record.getMessage()
+
+
+@contextmanager
+def _without_t5_cut_notice(pipe) -> Iterator[None]:
+    logger = logging.getLogger(type(pipe).__module__)
+    notice_filter = _DropT5CutNotice()
+    logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice_filter)
