@@ -69,6 +69,11 @@ class MtflowCLI(LightningCLI):
     """LightningCLI with mtflow's defaults: Rich progress, CSV logs every iteration, image grids, checkpoints in RL
     iterations, and a ``status.json`` for sweeps."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        given = kwargs.get("args")
+        self._command_line = [str(a) for a in (given if isinstance(given, (list, tuple)) else sys.argv[1:])]
+        super().__init__(*args, **kwargs)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         commands = dict(LightningCLI.subcommands())
@@ -93,11 +98,22 @@ class MtflowCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI would overwrite the model config with the checkpoint's hyperparameters. When resuming a fit,
-        # the given config wins (so a run can be resumed with e.g. a larger max_iterations).
-        if self.config.get("subcommand") == "fit":
+        # LightningCLI overwrites the model config with the checkpoint's hyperparameters. When resuming a fit, the
+        # given config wins (so a run can be resumed with e.g. a larger max_iterations). Elsewhere (test, validate,
+        # export) the checkpoint fills in the model, but what the user typed (--model.eval_conditions=[model], ...)
+        # still wins: Lightning would drop it silently.
+        subcommand = self.config.get("subcommand")
+        if subcommand == "fit":
             return
+        typed = {
+            arg.split("=", 1)[0][len("--model.") :]
+            for arg in self._command_line
+            if arg.startswith("--model.")
+        }
+        before = {key: self.config.get(f"{subcommand}.model.{key}") for key in typed} if subcommand else {}
         super()._parse_ckpt_path()
+        for key, value in before.items():
+            self.config[f"{subcommand}.model.{key}"] = value
 
     def before_instantiate_classes(self) -> None:
         # RichProgressBar refuses enable_progress_bar=False; add it only where a bar is wanted and none is set.

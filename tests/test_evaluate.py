@@ -79,6 +79,25 @@ def test_report_of_a_checkpoint_matches_an_independent_evaluation(tiny_kontext_p
     assert report["conditions"]["model"]["mean_if"] != report["conditions"]["base"]["mean_if"]
 
 
+def test_options_typed_for_test_win_over_the_checkpoint_hyperparameters(trained_run):
+    root, _, config_path, ckpt = trained_run
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert (
+        stored["eval_conditions"] is None and stored["eval_num_steps"] is None
+    )  # what the checkpoint would impose
+    cli = _test(
+        config_path,
+        "--ckpt_path",
+        str(ckpt),
+        "--model.eval_conditions=[model]",
+        "--model.eval_num_steps",
+        "3",
+    )
+    assert cli.model.hparams.eval_conditions == ["model"] and cli.model.hparams.eval_num_steps == 3
+    report = json.loads((root / "trained" / "version_0" / "eval" / "report.json").read_text())
+    assert set(report["conditions"]) == {"model"}
+
+
 def test_exported_lora_evaluates_like_the_checkpoint(tiny_kontext_path, trained_run, tmp_path):
     root, manifest, config_path, ckpt = trained_run
     main(
