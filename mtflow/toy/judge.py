@@ -33,20 +33,21 @@ Reference points: a perfect edit scores IF 5; an untouched image (y_k = y_{k-1} 
 IF = 1 + 4 * wrong_colour_credit = 3 (default); moving an object correctly but painting it the wrong colour
 scores 1 + 4 * (1 + 0.5) / 2 = 4; removing an object that should have moved scores 3.
 
-**CC (content consistency), turn k.** Turn k may change only its edit region E_k; every other pixel is checked,
-in two parts:
+**CC (content consistency), turn k.** Turn k may change only its edit region E_k. CC checks the *never-edited*
+region U_k = pixels whose ground-truth label is the same in every one of T_0 .. T_k, against the source T_0
+(EdiVal's choice): damage to content no instruction has touched keeps counting at every later turn (drift), and an
+earlier turn's failed edit is not charged to later turns. U_k is split into *units* by the source's instance map
+(the background, and each object of S_0), each weighing the same, so destroying a small untouched object costs as
+much as repainting the whole background.
 
-- *Never edited* U_k = pixels whose ground-truth label is the same in every one of T_0 .. T_k, compared against
-  the source T_0 (EdiVal's choice): damage to content no instruction has touched keeps counting at every later
-  turn (drift).
-- *Delivered by an earlier turn* D_k = pixels that turn k must keep (T_{k-1} == T_k) but that an earlier turn
-  changed, restricted to those the output turn k received got right (y_{k-1}(p) == T_{k-1}(p)), compared against
-  T_k. A later turn that wrecks an earlier edit (repaints a changed background, smears an added object) pays for
-  it, while an earlier turn's *failed* edit never counts again (those pixels are not in D_k).
-
-Each part is split into *units* of equal weight, so destroying a small object costs as much as repainting the whole
-background: U_k by the source's instance map (the background, and each object of S_0), D_k by S_k's (the
-background, and each object of S_k):
+With ``protect_earlier_edits`` CC also checks what earlier turns *delivered*: D_k = pixels turn k must keep
+(T_{k-1} == T_k) that an earlier turn changed, restricted to those the output turn k received got right
+(y_{k-1}(p) == T_{k-1}(p)), against T_k, in units by S_k's instance map. A later turn that wrecks an earlier edit
+(repaints a changed background, erases an added object) then pays for it; with U_k alone it does not (the shipped
+prior loses more than a quarter of an earlier edit in 7 % of the chains still alive at turns 2 and 3). It is off by
+default because, as a GRPO *training* reward, it made learning worse (README, "Benchmark": 2 of 5 seeds, whose
+tuned editors also score lower on the D_k-aware judge's own O_3): D_k depends on each trajectory's own earlier
+outputs, so within a group turn k's CC also reflects whether earlier turns succeeded. Use it to evaluate.
 
     m_CC = mean_units ( sum_p w(p) [out(p) == T_ref(p)] / sum_p w(p) ),      CC = 1 + 4 m_CC,
 
@@ -54,8 +55,8 @@ with T_ref = T_0 on U_k and T_k on D_k. An untouched output (y_k equal to the pr
 
 **Success** (DESIGN.md section 7): a turn succeeds when IF >= 4, i.e. m_IF >= 0.75 (``SUCCESS_THRESHOLD``).
 
-**Never invented.** A turn whose E_k is empty, or whose U_k and D_k both are (impossible for world-generated
-chains, which keep at least ``min_preserved_fraction`` of the image in U_k), is NaN with ``scored`` False; so is
+**Never invented.** A turn whose E_k is empty, or whose checked region (U_k, with D_k when protected) is (impossible
+for world-generated chains, which keep at least ``min_preserved_fraction`` of the image in U_k), is NaN with ``scored`` False; so is
 every turn of an item whose metadata is missing or malformed, whose instructions differ from the ground truth's,
 or whose output count does not match. The reason is in that item's diagnostic.
 
@@ -213,7 +214,7 @@ def exact_scores(
     label_is_shape_color: np.ndarray,
     edge_weight: float = 0.25,
     wrong_colour_credit: float = 0.5,
-    protect_earlier_edits: bool = True,
+    protect_earlier_edits: bool = False,
 ) -> ExactScores:
     """IF and CC matches of N trajectories (formulas in the module docstring).
 
@@ -225,7 +226,7 @@ def exact_scores(
         label_is_shape_color: [P] bool, True for shape-palette labels.
         edge_weight: weight of edge pixels (in (0, 1]).
         wrong_colour_credit: score of a changed pixel with a wrong colour of the right kind (in [0, 1)).
-        protect_earlier_edits: CC also checks D_k (False: U_k only, the judge before D_k was added).
+        protect_earlier_edits: CC also checks D_k (default: U_k only).
     Returns:
         ``ExactScores`` with [N, K] arrays.
     """
@@ -331,7 +332,7 @@ class ToyJudge:
         wrong_colour_credit: float = 0.5,
         check_instructions: bool = True,
         cache_size: int = 65536,
-        protect_earlier_edits: bool = True,
+        protect_earlier_edits: bool = False,
     ) -> None:
         """
         Args:
@@ -340,7 +341,7 @@ class ToyJudge:
             wrong_colour_credit: IF credit of a changed pixel painted a wrong colour of the right kind, in [0, 1).
             check_instructions: refuse to score items whose instructions differ from the ground truth's.
             cache_size: rendered ground-truth label maps kept in memory (LRU).
-            protect_earlier_edits: CC also checks what earlier turns delivered (D_k); False scores U_k only (ablation).
+            protect_earlier_edits: CC also checks what earlier turns delivered (D_k); off by default (module docstring).
         """
         if colour_tolerance <= 0:
             raise ValueError(f"colour_tolerance must be > 0, got {colour_tolerance}")

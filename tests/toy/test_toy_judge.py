@@ -173,7 +173,7 @@ def test_label_edges_by_hand():
     np.testing.assert_array_equal(label_edges(labels), expected)
 
 
-def reference_scores(truth, outputs, instances, is_shape, edge_weight, credit):
+def reference_scores(truth, outputs, instances, is_shape, edge_weight, credit, protect):
     """Straight per-pixel loops in float64 (the formulas of the judge's docstring, written independently)."""
     n, k1, h, w = truth.shape
 
@@ -210,7 +210,7 @@ def reference_scores(truth, outputs, instances, is_shape, edge_weight, credit):
                         u = units.setdefault(("source", instances[i, 0, y, x]), [0.0, 0.0])
                         u[0] += wt * float(out[y, x] == src[y, x])
                         u[1] += wt
-                    elif prev[y, x] == tgt[y, x] and handed == prev[y, x]:  # an earlier turn's delivered edit
+                    elif protect and prev[y, x] == tgt[y, x] and handed == prev[y, x]:  # delivered earlier
                         wt = edge_weight if (is_edge(prev, y, x) or is_edge(tgt, y, x)) else 1.0
                         u = units.setdefault(("target", instances[i, k, y, x]), [0.0, 0.0])
                         u[0] += wt * float(out[y, x] == tgt[y, x])
@@ -233,10 +233,19 @@ def test_exact_scores_match_a_float64_reference_on_random_outputs():
     outputs = truth[:, 1:].copy()
     mask = rng.random(outputs.shape) < 0.33
     outputs[mask] = rng.integers(-1, len(spec.palette), size=mask.sum())
-    result = exact_scores(truth, outputs, instances, spec.label_is_shape_color, 0.3, 0.4)
-    ref_if, ref_cc = reference_scores(truth, outputs, instances, spec.label_is_shape_color, 0.3, 0.4)
-    np.testing.assert_allclose(result.if_match, ref_if, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(result.cc_preserved, ref_cc, rtol=0, atol=1e-12)
+    cc_by_protect = {}
+    for protect in (False, True):
+        result = exact_scores(truth, outputs, instances, spec.label_is_shape_color, 0.3, 0.4, protect)
+        ref_if, ref_cc = reference_scores(
+            truth, outputs, instances, spec.label_is_shape_color, 0.3, 0.4, protect
+        )
+        np.testing.assert_allclose(result.if_match, ref_if, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(result.cc_preserved, ref_cc, rtol=0, atol=1e-12)
+        cc_by_protect[protect] = result.cc_preserved
+    assert not np.allclose(
+        cc_by_protect[False][:, 1:], cc_by_protect[True][:, 1:]
+    )  # D_k really changed later turns
+    np.testing.assert_array_equal(cc_by_protect[False][:, 0], cc_by_protect[True][:, 0])  # turn 1 has no D_k
     assert 0 < np.nanmin(result.if_match) and np.nanmax(result.if_match) < 1  # the noise really bit
     np.testing.assert_allclose(result.off_palette, (outputs < 0).mean(axis=(2, 3)))
 
@@ -313,7 +322,8 @@ def test_collapsed_single_turn_scores_the_merged_edit(judge):
     assert (cc == 5).all()
 
 
-def test_cc_charges_a_later_turn_that_wrecks_an_earlier_edit_but_not_an_earlier_failure(judge):
+def test_protected_cc_charges_a_later_turn_that_wrecks_an_earlier_edit_but_not_an_earlier_failure():
+    judge = ToyJudge(protect_earlier_edits=True)
     chain = make_chain(
         SOURCE,
         [
@@ -329,8 +339,8 @@ def test_cc_charges_a_later_turn_that_wrecks_an_earlier_edit_but_not_an_earlier_
     assert if_[0].tolist() == [5, 5] and cc[0, 0] == 5
     assert cc[0, 1] == pytest.approx(1 + 4 * 2 / 3)
     assert cc[1].tolist() == [5, 5]
-    # the ablation without D_k checks the never-edited circle and square only, so the erased triangle is free
-    _, unprotected, _ = scores(ToyJudge(protect_earlier_edits=False), [item(chain, [added, erased])])
+    # the default judge checks the never-edited circle and square only, so the erased triangle is free
+    _, unprotected, _ = scores(ToyJudge(), [item(chain, [added, erased])])
     assert unprotected[0].tolist() == [5, 5]
     # turn 1 failed (no triangle): its failure is not charged again to turn 2, which has nothing of it to keep
     if_, cc, _ = scores(judge, [item(chain, [SOURCE, erased])])
