@@ -103,14 +103,14 @@ class MtflowCLI(LightningCLI):
         # export) the checkpoint fills in the model, but what the user typed (--model.eval_conditions=[model], ...)
         # still wins: Lightning would drop it silently.
         subcommand = self.config.get("subcommand")
-        if subcommand == "fit":
+        if subcommand in (None, "fit"):
             return
         typed = {
             arg.split("=", 1)[0][len("--model.") :]
             for arg in self._command_line
             if arg.startswith("--model.")
         }
-        before = {key: self.config.get(f"{subcommand}.model.{key}") for key in typed} if subcommand else {}
+        before = {key: self.config.get(f"{subcommand}.model.{key}") for key in typed}
         super()._parse_ckpt_path()
         for key, value in before.items():
             self.config[f"{subcommand}.model.{key}"] = value

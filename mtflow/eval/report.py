@@ -254,8 +254,7 @@ def chain_grid_captions(
     return captions
 
 
-def save_chain_grid(
-    path: str | Path,
+def chain_grid(
     items: Sequence[ScoringItem],
     scores: ScoreBatch | None = None,
     *,
@@ -264,12 +263,11 @@ def save_chain_grid(
     font_size: int = 11,
     caption_lines: int = 4,
     padding: int = 6,
-) -> dict[tuple[int, int], tuple[int, int, int, int]]:
-    """Save a PNG grid: one row per chain (source, turn 1..K), each image captioned with its instruction and,
-    when ``scores`` is given, its IF / CC (``unscored`` where the judge gave none).
+) -> tuple[Image.Image, dict[tuple[int, int], tuple[int, int, int, int]]]:
+    """A grid image: one row per chain (source, turn 1..K), each image captioned with its instruction and, when
+    ``scores`` is given, its IF / CC (``unscored`` where the judge gave none).
 
     Args:
-        path: PNG to write.
         items: trajectories to show (the first ``max_chains``).
         scores: optional scores of ``items`` (row i = item i).
         max_chains: rows in the grid.
@@ -279,10 +277,10 @@ def save_chain_grid(
         padding: pixels between cells.
 
     Returns:
-        (row, column) -> (left, top, right, bottom) box of each image cell in the saved grid.
+        The grid, and (row, column) -> (left, top, right, bottom) box of each image cell in it.
     """
     if not items:
-        raise ValueError("save_chain_grid needs at least one item")
+        raise ValueError("a chain grid needs at least one item")
     shown = list(items[:max_chains])
     columns = 1 + max(item.num_turns for item in shown)
     font = _caption_font(font_size)
@@ -313,6 +311,14 @@ def save_chain_grid(
             )
             for index, text in enumerate(caption):
                 draw.text((left, top + cell_size + 2 + index * line_height), text, fill="black", font=font)
+    return grid, boxes
+
+
+def save_chain_grid(
+    path: str | Path, items: Sequence[ScoringItem], scores: ScoreBatch | None = None, **options: Any
+) -> dict[tuple[int, int], tuple[int, int, int, int]]:
+    """Save ``chain_grid(items, scores, **options)`` as a PNG at ``path``; returns its cell boxes."""
+    grid, boxes = chain_grid(items, scores, **options)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -358,6 +364,7 @@ __all__ = [
     "REPORT_MARKDOWN",
     "EvalReport",
     "ReportFiles",
+    "chain_grid",
     "chain_grid_captions",
     "format_estimate",
     "make_turn_curves_figure",

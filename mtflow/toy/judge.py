@@ -55,10 +55,10 @@ with T_ref = T_0 on U_k and T_k on D_k. An untouched output (y_k equal to the pr
 
 **Success** (DESIGN.md section 7): a turn succeeds when IF >= 4, i.e. m_IF >= 0.75 (``SUCCESS_THRESHOLD``).
 
-**Never invented.** A turn whose E_k is empty, or whose checked region (U_k, with D_k when protected) is (impossible
-for world-generated chains, which keep at least ``min_preserved_fraction`` of the image in U_k), is NaN with ``scored`` False; so is
-every turn of an item whose metadata is missing or malformed, whose instructions differ from the ground truth's,
-or whose output count does not match. The reason is in that item's diagnostic.
+**Never invented.** A turn whose E_k is empty, or whose checked region (U_k, with D_k when protected) is
+(impossible for world-generated chains, which keep at least ``min_preserved_fraction`` of the image in U_k), is NaN
+with ``scored`` False; so is every turn of an item whose metadata is missing or malformed, whose instructions
+differ from the ground truth's, or whose output count does not match. The reason is in that item's diagnostic.
 
 ``collapse_to_single_turn`` rewrites a chain's metadata as one turn S_0 -> S_K, to judge the single-turn-merged
 baseline (all instructions delivered at once) on the same chains.
@@ -186,7 +186,7 @@ class ExactScores:
         if_match: [N, K] float64 m_IF in [0, 1]; NaN where the edit region is empty.
         cc_preserved: [N, K] float64 m_CC in [0, 1]; NaN where the preserved region is empty.
         edit_pixels: [N, K] int64 pixels in the edit region E_k.
-        preserved_pixels: [N, K] int64 pixels checked by CC (U_k and D_k).
+        preserved_pixels: [N, K] int64 pixels checked by CC (U_k, and D_k when protected).
         off_palette: [N, K] float64 share of the output's pixels that snapped to no palette colour.
     """
 
@@ -222,7 +222,7 @@ def exact_scores(
         truth_labels: [N, K + 1, H, W] int, ground-truth label maps T_0 .. T_K (values in [0, P)).
         output_labels: [N, K, H, W] int, snapped outputs y_1 .. y_K (values in [-1, P); -1 off palette).
         scene_instances: [N, K + 1, H, W] int, instance maps of S_0 .. S_K: 0 on the background, i + 1 on the
-            scene's object i.
+            scene's object i (only S_0's is read unless ``protect_earlier_edits``).
         label_is_shape_color: [P] bool, True for shape-palette labels.
         edge_weight: weight of edge pixels (in (0, 1]).
         wrong_colour_credit: score of a changed pixel with a wrong colour of the right kind (in [0, 1)).
@@ -264,19 +264,26 @@ def exact_scores(
         transition, w_if.reshape(n * k, -1), pixel_if.reshape(n * k, -1), n * k, num_labels * num_labels
     )
 
-    # CC: the never-edited region against the source, grouped by source instance; the region delivered by an
-    # earlier turn (and received right) against the target, grouped by the target scene's instances.
+    # CC on the never-edited region, against the source, grouped by source instance.
     never_changed = np.logical_and.accumulate(target == source, axis=1)
-    received = np.concatenate([source, out[:, :-1]], axis=1)  # what turn k was handed (turn 1: the source)
-    delivered = (prev == target) & ~never_changed & (received == prev) & protect_earlier_edits
-    w_never = np.where(edges[:, :1] | edges[:, 1:], edge_weight, 1.0)
-    w_delivered = np.where(edges[:, :-1] | edges[:, 1:], edge_weight, 1.0)
-    w_cc = np.where(never_changed, w_never, np.where(delivered, w_delivered, 0.0))
-    preserved = np.where(never_changed, out == source, out == target).astype(np.float64)
+    checked = never_changed
+    w_cc = np.where(never_changed, np.where(edges[:, :1] | edges[:, 1:], edge_weight, 1.0), 0.0)
+    preserved = (out == source).astype(np.float64)
     instances = scene_instances.astype(np.int64)
-    source_units = int(instances[:, 0].max(initial=0)) + 1
-    units = np.where(never_changed, instances[:, :1], source_units + instances[:, 1:])
-    num_units = source_units + int(instances[:, 1:].max(initial=0)) + 1
+    units = np.broadcast_to(instances[:, :1], (n, k, h, w))
+    num_units = int(instances[:, 0].max(initial=0)) + 1
+    if protect_earlier_edits:
+        # ... and on what earlier turns delivered (and turn k received right), against the target, grouped by the
+        # target scene's instances (unit ids after the source's).
+        received = np.concatenate(
+            [source, out[:, :-1]], axis=1
+        )  # what turn k was handed (turn 1: the source)
+        delivered = (prev == target) & ~never_changed & (received == prev)
+        checked = never_changed | delivered
+        w_cc = np.where(delivered, np.where(edges[:, :-1] | edges[:, 1:], edge_weight, 1.0), w_cc)
+        preserved = np.where(delivered, (out == target).astype(np.float64), preserved)
+        units = np.where(delivered, num_units + instances[:, 1:], units)
+        num_units += int(instances[:, 1:].max(initial=0)) + 1
     cc_preserved = _grouped_mean_of_means(
         units.reshape(n * k, -1), w_cc.reshape(n * k, -1), preserved.reshape(n * k, -1), n * k, num_units
     )
@@ -284,7 +291,7 @@ def exact_scores(
         if_match=if_match.reshape(n, k),
         cc_preserved=cc_preserved.reshape(n, k),
         edit_pixels=edit.sum(axis=(2, 3)),
-        preserved_pixels=(never_changed | delivered).sum(axis=(2, 3)),
+        preserved_pixels=checked.sum(axis=(2, 3)),
         off_palette=(~on_palette).mean(axis=(2, 3)),
     )
 
@@ -428,7 +435,10 @@ class ToyJudge:
             for i, scenes in members:
                 try:
                     t = np.stack([self._map(spec_key, spec, s, "labels") for s in scenes])
-                    inst = np.stack([self._map(spec_key, spec, scene, "instances") for scene in scenes])
+                    # D_k's units need every scene's instance map; U_k's only the source's
+                    shown = scenes if self.protect_earlier_edits else scenes[:1]
+                    inst = np.stack([self._map(spec_key, spec, scene, "instances") for scene in shown])
+                    inst = np.broadcast_to(inst, (len(scenes), *inst.shape[1:]))
                     o = np.stack([self._pixels(im, spec.image_size) for im in items[i].outputs])
                 except (ValueError, KeyError, TypeError, OSError) as err:
                     diagnostics[i].update(status="unscored", error=f"item {items[i].item_id!r}: {err}")

@@ -12,9 +12,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import RichProgressBar
-from PIL import Image
 
-from mtflow.eval.report import save_chain_grid
+from mtflow.eval.report import chain_grid
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -53,26 +52,18 @@ class RolloutImageLogger(L.Callback):
             return
         if pl_module.iteration % self.every_n_iterations:
             return
-        path = folder / f"rollout_iter{pl_module.iteration:06d}.png"
-        save_chain_grid(
-            path, preview.items(), preview.scores, max_chains=self.max_rows, cell_size=self.cell_size
+        grid, _ = chain_grid(
+            preview.items(), preview.scores, max_chains=self.max_rows, cell_size=self.cell_size
         )
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"rollout_iter{pl_module.iteration:06d}.png")
         step = pl_module.iteration
-        loggers = [logger for logger in trainer.loggers if _takes_images(logger)]
-        if not loggers:
-            return
-        with Image.open(path) as saved:
-            grid = saved.convert("RGB")
-        for logger in loggers:
+        for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard
                 experiment.add_image("rollout", np.asarray(grid), step, dataformats="HWC")
-            else:  # W&B
+            elif hasattr(logger, "log_image"):  # W&B
                 logger.log_image("rollout", [grid], step=step)
-
-
-def _takes_images(logger) -> bool:
-    return hasattr(getattr(logger, "experiment", None), "add_image") or hasattr(logger, "log_image")
 
 
 class IterationCheckpoint(L.Callback):
