@@ -77,6 +77,9 @@ class MtflowCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         commands = dict(LightningCLI.subcommands())
+        del commands[
+            "predict"
+        ]  # an RL trainer has no forward to predict with; Lightning would fail after loading
         commands["export"] = {"model", "datamodule"}
         return commands
 
@@ -136,6 +139,17 @@ def _with_default_config(argv: list[str]) -> list[str]:
     return argv
 
 
+MAIN_HELP = "mtflow: multi-turn RL for flow-matching image editors (fit / validate / test / export a LoRA)."
+# `mtflow --help` is LightningCLI's parser, which does not know the commands main() handles before it.
+EXTRA_HELP = (
+    "more commands (each with --help): "
+    "mtflow serve-reward (the judge as an HTTP service), "
+    "mtflow data convert-edival (an EdiVal CSV to a chain manifest), "
+    "mtflow sweep (expand, run and collect G x T ablation sweeps). "
+    "Without --config, `mtflow fit` runs the embedded toy world (configs/toy.yaml)."
+)
+
+
 class _DropLightningTips(logging.Filter):
     """Drops Lightning's "💡 Tip: ..." advertisements (for its cloud logger) from every run's output."""
 
@@ -163,6 +177,7 @@ def _lightning_main(args: Sequence[str] | None) -> MtflowCLI:
         trainer_class=MtflowTrainer,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={"description": MAIN_HELP, "epilog": EXTRA_HELP},
         args=list(args) if args is not None else None,
     )
 

@@ -92,6 +92,20 @@ def test_help(capsys, args, needle):
     assert needle in capsys.readouterr().out
 
 
+def test_top_level_help_names_every_command_and_predict_is_refused(capsys):
+    # LightningCLI's parser only knows its own subcommands; the ones main() dispatches first must still be listed.
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for command in ("mtflow serve-reward", "mtflow data convert-edival", "mtflow sweep", "export"):
+        assert command in shown
+    assert "predict" not in shown
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", str(REPO_CONFIGS / "toy.yaml")])
+    assert exit_info.value.code == 2  # refused by the parser, before any model is loaded
+    assert "invalid choice: 'predict'" in capsys.readouterr().err
+
+
 def test_bad_manifest_fails_before_training_with_line_numbers(tiny_kontext_path, tmp_path):
     manifest = write_random_manifest(tmp_path / "data", num_chains=3, num_turns=3)
     lines = manifest.read_text().splitlines()
