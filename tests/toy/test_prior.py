@@ -215,9 +215,16 @@ def _subset_settings(recorded) -> HeldOutSettings:
     return HeldOutSettings(**recorded["test_subset"]["settings"])
 
 
+# Success is a count of turns over a threshold: it reproduces exactly. The continuous metrics (mean IF, CC, O) may
+# move by a pixel's worth when another CPU or library release rounds one decoded pixel across a palette boundary
+# (seen: CC_2 83.220 -> 83.239 on a new machine); a wrong or corrupted prior moves them by whole points.
+_CONTINUOUS = {"mean_if": 0.02, "consistency": 0.25, "overall": 0.25}
+
+
 def test_shipped_prior_reproduces_its_recorded_held_out_numbers(world, recorded):
-    """Deterministic rollouts + exact judge: the same judge metrics, exactly (a recorded small subset; the
-    thread count it was recorded with is restored, since CPU matmuls may block differently per thread count)."""
+    """Deterministic rollouts + exact judge: the same successes exactly and the same continuous judge metrics to
+    within a pixel's worth (a recorded small subset; the thread count it was recorded with is restored, since CPU
+    matmuls may block differently per thread count)."""
     subset = recorded["test_subset"]
     with torch_threads(subset["torch_threads"]):
         policy = load_prior_policy(max_sequence_length=recorded["max_sequence_length"])
@@ -237,7 +244,11 @@ def test_shipped_prior_reproduces_its_recorded_held_out_numbers(world, recorded)
         ),
     ):
         for key in keys:
-            assert json_ready(result[section][key]) == subset[section][key], (section, key)
+            got, want = json_ready(result[section][key]), subset[section][key]
+            if key in _CONTINUOUS:
+                assert got == pytest.approx(want, abs=_CONTINUOUS[key]), (section, key)
+            else:
+                assert got == want, (section, key)
 
 
 def test_shipped_prior_drifts_on_its_own_outputs(recorded):
