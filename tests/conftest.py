@@ -13,6 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _no_global_seed_from_earlier_tests(monkeypatch):
+    """A module's seed=None follows seed_everything (mtflow.seeding); one test's seed must not leak into the next."""
+    from mtflow.seeding import GLOBAL_SEED_VARIABLE
+
+    monkeypatch.delenv(GLOBAL_SEED_VARIABLE, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_kontext_path(tmp_path_factory):
     """Folder holding a tiny ``FluxKontextPipeline`` saved with ``save_pretrained``."""

@@ -178,6 +178,26 @@ def test_shipped_grids_expand(tmp_path, name, num_runs):
             assert config["data"]["batch_size"] * config["model"]["init_args"]["group_size"] == 16
 
 
+def test_toy_grid_resolves_to_configs_the_cli_accepts(tmp_path, capsys):
+    """configs/sweeps/toy_G_T.yaml stacks on the real toy config: every resolved run config passes LightningCLI's
+    own validation (a misspelt key fails there) with B x G = 32 trajectories per iteration and its axis values."""
+    from mtflow.cli import main
+
+    plan = expand_grid(REPO / "configs" / "sweeps" / "toy_G_T.yaml", tmp_path / "sweep")
+    assert len(plan.runs) == 4
+    for run in plan.runs:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(run.config_path), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        model, data = printed["model"], printed["data"]["init_args"]
+        assert model["group_size"] == run.axes["model.group_size"]
+        assert model["num_steps"] == run.axes["model.num_steps"]
+        assert data["batch_size"] * model["group_size"] == 32
+        assert printed["seed_everything"] == run.axes["seed_everything"]
+        assert printed["trainer"]["default_root_dir"] == str(run.directory)
+
+
 # ---------------------------------------------------------------------------------------- a synthetic trainer
 
 

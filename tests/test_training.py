@@ -299,3 +299,28 @@ def test_resuming_with_other_lora_settings_or_adapters_is_refused_in_one_message
     )
     with pytest.raises(ValueError, match=r"this run \(nft\) also needs \['old'\]"):
         _fit(nft, tmp_path, "--ckpt_path", ckpt)
+
+
+def test_seed_everything_alone_seeds_the_rollouts_and_the_data_order(tiny_kontext_path, manifest, tmp_path):
+    # A sweep's seed axis sets only seed_everything; with model.seed / data seed pinned at 0 two "seeds" shared all
+    # rollout noise and the training order and differed only in the LoRA initialisation.
+    config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, name="seeded")
+    cli = _fit(config, tmp_path, "--seed_everything=5", "--model.max_iterations=1")
+    assert cli.model.hparams.seed == 5
+    assert cli.datamodule.seed == 5
+    checkpoint = torch.load(
+        next((tmp_path / "seeded" / "version_0" / "checkpoints").glob("*.ckpt")), weights_only=False
+    )
+    assert checkpoint["hyper_parameters"]["seed"] == 5  # the resolved value, so a resumed run draws the same
+
+
+def test_an_explicit_seed_wins_over_seed_everything():
+    import lightning
+
+    from mtflow.seeding import resolve_seed
+    from mtflow.toy.module import ToyDataModule
+
+    assert resolve_seed(None) == 0  # no seed_everything in this process (conftest clears it)
+    lightning.seed_everything(7)
+    assert resolve_seed(None) == 7 and ToyDataModule().seed == 7
+    assert resolve_seed(2) == 2 and ToyDataModule(seed=2).seed == 2

@@ -5,8 +5,8 @@ RL (GRPO: ``configs/toy.yaml``, NFT: ``configs/toy_nft.yaml``), mean and spread 
     python tools/bench_toy.py --seeds 0 --losses grpo --extra=--model.max_iterations=5
     python tools/bench_toy.py --reuse                 # finish an interrupted benchmark, keep the finished runs
 
-Each run is ``mtflow fit`` in its own process (``--threads`` torch threads) with the seed set for the trainer
-(``--model.seed``, ``--seed_everything``) and the data order (``--data.init_args.seed``); the prior and after-RL
+Each run is ``mtflow fit`` in its own process (``--threads`` torch threads) with ``--seed_everything`` set, which
+seeds the LoRA initialisation, the rollouts, the update order and the data order; the prior and after-RL
 numbers come from the run's ``eval/before_after.json``, written by ``HeldOutEvaluation`` (the same held-out
 chains, the same deterministic per-chain noise before and after). Prints a Markdown table and writes
 ``<root>/bench_toy.json``.
@@ -53,8 +53,6 @@ def run_fit(
         "--config",
         str(config),
         f"--seed_everything={seed}",
-        f"--model.seed={seed}",
-        f"--data.init_args.seed={seed}",
         f"--trainer.logger.init_args.save_dir={root}",
         f"--trainer.logger.init_args.name={name}",
         "--trainer.logger.init_args.version=0",

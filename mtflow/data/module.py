@@ -6,22 +6,24 @@ import lightning as L
 
 from mtflow.data.loader import ChainBatches, ChainSource
 from mtflow.data.manifest import DEFAULT_MAX_PIXELS, ManifestDataset
+from mtflow.seeding import resolve_seed
 
 
 class ChainDataModule(L.LightningDataModule):
     """Base class: subclasses build the train / val / test ``ChainSource`` in ``build_sources``."""
 
-    def __init__(self, batch_size: int = 1, val_batch_size: int = 4, seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 1, val_batch_size: int = 4, seed: int | None = None) -> None:
         """
         Args:
             batch_size: chains per rank per RL iteration (B); each is rolled out G times.
             val_batch_size: chains per rank per validation / test batch.
-            seed: seed of the training order (epoch e uses a permutation seeded by (seed, e)).
+            seed: seed of the training order (epoch e uses a permutation seeded by (seed, e)); None: the run's
+                ``seed_everything``.
         """
         super().__init__()
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
-        self.seed = seed
+        self.seed = resolve_seed(seed)
         self.sources: dict[str, ChainSource | None] = {}
 
     def build_sources(self) -> dict[str, ChainSource | None]:
@@ -84,7 +86,7 @@ class ManifestDataModule(ChainDataModule):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         batch_size: int = 1,
         val_batch_size: int = 4,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -97,7 +99,7 @@ class ManifestDataModule(ChainDataModule):
             max_pixels: largest accepted source image (width * height).
             batch_size: chains per rank per RL iteration (B).
             val_batch_size: chains per rank per validation batch.
-            seed: seed of the training order.
+            seed: seed of the training order (None: the run's ``seed_everything``).
         """
         super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, seed=seed)
         self.train_manifest = train_manifest

@@ -25,7 +25,7 @@ class ToyDataModule(ChainDataModule):
         num_turns: int | None = None,
         batch_size: int = 4,
         val_batch_size: int = 50,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -35,7 +35,7 @@ class ToyDataModule(ChainDataModule):
             num_turns: K (None: the world's ``num_turns``).
             batch_size: chains per rank per RL iteration (B); each is rolled out G times.
             val_batch_size: chains per rank per validation / test batch.
-            seed: seed of the training order.
+            seed: seed of the training order (None: the run's ``seed_everything``).
         """
         super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, seed=seed)
         if num_train_chains < 1 or num_heldout_chains < 1:

@@ -49,6 +49,7 @@ from mtflow.rollout import (
     transition_batches,
 )
 from mtflow.sampling import stochastic_steps
+from mtflow.seeding import resolve_seed
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class FlowRLModule(L.LightningModule):
         eval_conditions: list[str] | None = None,
         eval_bootstrap: int = 1000,
         kernels: Literal["auto", "torch", "triton"] = "auto",
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -165,10 +166,12 @@ class FlowRLModule(L.LightningModule):
                 "merged" (all K instructions as one edit); None: all three.
             eval_bootstrap: bootstrap resamples for the confidence intervals of ``mtflow test``.
             kernels: fused Triton kernels for the SDE step and the losses: "auto" (on CUDA), "torch", "triton".
-            seed: base seed of every random draw.
+            seed: base seed of every random draw (None: the run's ``seed_everything``; the checkpoint records the
+                resolved value).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "scorer"])
+        self.hparams.seed = resolve_seed(seed)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the LoRA adapters
         self.policy = policy
