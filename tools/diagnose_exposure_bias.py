@@ -21,8 +21,7 @@ import torch
 
 from mtflow.export import checkpoint_adapter, save_lora
 from mtflow.toy.diagnostics import ExposureBiasSettings, diagnose_exposure_bias, format_diagnosis
-from mtflow.toy.prior import PRIOR_ASSET, json_ready, load_prior_policy, write_json
-from mtflow.toy.world import ToyWorld
+from mtflow.toy.prior import PRIOR_ASSET, json_ready, load_prior_policy, prior_world, write_json
 
 
 def plot(diagnosis: dict, path: Path) -> Path:
@@ -124,8 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    world = ToyWorld(num_turns=args.turns)  # the world the prior was trained on, K turns per chain
     policy, adapter = load_policy(args.prior, args.checkpoint, args.adapter)
+    world = prior_world(
+        policy.pretrained, num_turns=args.turns
+    )  # the world the editor was trained on, K turns
     settings = ExposureBiasSettings(
         num_chains=args.chains, num_pairs=args.pairs, num_steps=args.steps, seed=args.seed
     )

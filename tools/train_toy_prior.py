@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="train on targets moved this many pixels down and right (misaligned pairs: the drift experiment)",
     )
     parser.add_argument(
+        "--position-jitter",
+        type=int,
+        default=0,
+        help="the world's position_jitter: source objects up to this many pixels off their cell's centre",
+    )
+    parser.add_argument(
         "--edit-type-weights",
         type=json.loads,
         default=dict(DEFAULT_EDIT_TYPE_WEIGHTS),
@@ -106,8 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    world = ToyWorld()
-    pair_world = ToyWorld(edit_type_weights=args.edit_type_weights)  # same scenes and split, other edit mix
+    world = ToyWorld(position_jitter=args.position_jitter)
+    # same scenes and split, other edit mix
+    pair_world = ToyWorld(position_jitter=args.position_jitter, edit_type_weights=args.edit_type_weights)
     spec = ToyPriorSpec()
     config = PriorTrainConfig(
         steps=args.steps,
@@ -207,6 +214,7 @@ def world_args(world: ToyWorld) -> dict:
         "templates_per_type": world.templates_per_type,
         "heldout_fraction": world.heldout_fraction,
         "split_salt": world.split_salt,
+        "position_jitter": world.position_jitter,
         "seed": world.seed,
     }
 

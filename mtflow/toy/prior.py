@@ -127,6 +127,17 @@ def save_toy_prior(components: dict[str, Any], path: str | Path, transformer_dty
     return path
 
 
+def prior_world(pretrained: str | Path = PRIOR_ASSET, **overrides: Any) -> ToyWorld:
+    """The ``ToyWorld`` a prior was trained on, from the ``"world"`` record of its ``training_stats.json`` (a
+    folder or ``mtflow-assets:`` name; ``overrides`` win, e.g. ``num_turns``). A folder without the record (a
+    foreign editor) gets the default world."""
+    from mtflow.models.kontext import resolve_pretrained
+
+    stats = Path(resolve_pretrained(str(pretrained))) / "training_stats.json"
+    world = json.loads(stats.read_text()).get("world", {}) if stats.is_file() else {}
+    return ToyWorld(**{**world, **overrides})
+
+
 def load_prior_policy(
     pretrained: str | Path = PRIOR_ASSET,
     max_sequence_length: int = PRIOR_MAX_SEQUENCE_LENGTH,

@@ -126,21 +126,35 @@ def cell_name(cell: tuple[int, int], grid_size: int) -> str:
 
 @dataclass(frozen=True, order=True)
 class ToyObject:
-    """One shape of a scene: what it is and which grid cell (row, column) it occupies."""
+    """One shape of a scene: what it is, which grid cell (row, column) it occupies and, in a world with
+    ``position_jitter``, its offset (down, right) in pixels from the cell's centred position."""
 
     cell: tuple[int, int]
     shape: str
     color: str
+    offset: tuple[int, int] = (0, 0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"shape": self.shape, "color": self.color, "cell": [int(self.cell[0]), int(self.cell[1])]}
+        out: dict[str, Any] = {
+            "shape": self.shape,
+            "color": self.color,
+            "cell": [int(self.cell[0]), int(self.cell[1])],
+        }
+        if self.offset != (
+            0,
+            0,
+        ):  # absent when centred: scenes of an unjittered world keep their JSON (and split)
+            out["offset"] = [int(self.offset[0]), int(self.offset[1])]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ToyObject:
+        offset = data.get("offset", (0, 0))
         return cls(
             cell=(int(data["cell"][0]), int(data["cell"][1])),
             shape=str(data["shape"]),
             color=str(data["color"]),
+            offset=(int(offset[0]), int(offset[1])),
         )
 
     @property
@@ -260,8 +274,24 @@ class RenderSpec:
         side = max(2, round(min(cx1 - cx0, cy1 - cy0) * self.shape_scale))
         return cx0 + (cx1 - cx0 - side) // 2, cy0 + (cy1 - cy0 - side) // 2, side
 
+    def cell_margin(self) -> int:
+        """Fewest pixels between a centred shape and its cell's border (the largest offset that stays inside)."""
+        edges = [round(i * self.image_size / self.grid_size) for i in range(self.grid_size + 1)]
+        margins = []
+        for row in range(self.grid_size):
+            for col in range(self.grid_size):
+                x0, y0, side = self.cell_box((row, col))
+                margins += [
+                    x0 - edges[col],
+                    edges[col + 1] - x0 - side,
+                    y0 - edges[row],
+                    edges[row + 1] - y0 - side,
+                ]
+        return min(margins)
+
     def _draw(self, draw: ImageDraw.ImageDraw, obj: ToyObject, fill: int) -> None:
         x0, y0, s = self.cell_box(obj.cell)
+        x0, y0 = x0 + obj.offset[1], y0 + obj.offset[0]
         x1, y1 = x0 + s - 1, y0 + s - 1
         cy = y0 + (s - 1) / 2
         if obj.shape == "circle":
@@ -360,15 +390,17 @@ class Edit:
         if self.type == "color_alter":
             if self.new_color == t.color:
                 raise ValueError(f"color_alter to the same colour {t.color}")
-            new = ToyObject(t.cell, t.shape, self.new_color)
+            new = ToyObject(t.cell, t.shape, self.new_color, t.offset)
         elif self.type == "subject_replace":
             if self.new_shape == t.shape:
                 raise ValueError(f"subject_replace keeps the shape {t.shape}")
-            new = ToyObject(t.cell, self.new_shape, self.new_color)
+            new = ToyObject(t.cell, self.new_shape, self.new_color, t.offset)
         elif self.type == "position_change":
             if self.new_cell in scene.occupied():
                 raise ValueError(f"cell {self.new_cell} is occupied in {scene.key()}")
-            new = ToyObject(self.new_cell, t.shape, t.color)
+            new = ToyObject(
+                self.new_cell, t.shape, t.color
+            )  # centred in its new cell: all the instruction says
         else:
             raise KeyError(f"unknown edit type {self.type!r}; known: {EDIT_TYPES}")
         return Scene(scene.background, (*objects, new))
@@ -474,6 +506,7 @@ class ToyWorld:
         heldout_fraction: float = 0.1,
         split_salt: int = 0,
         min_preserved_fraction: float = 0.05,
+        position_jitter: int = 0,
         seed: int = 0,
     ) -> None:
         """
@@ -493,6 +526,9 @@ class ToyWorld:
             heldout_fraction: share of the scene space reserved for the held-out split.
             split_salt: changes which scenes are held out (the partition is a hash of scene and salt).
             min_preserved_fraction: reject chains leaving less than this share of never-edited pixels at a turn.
+            position_jitter: source objects sit up to this many pixels (per axis, uniform) off their cell's centred
+                position; recolours and replacements keep the offset, adds and moves centre the object (all their
+                instruction says). 0: every object centred (the shipped prior's world).
             seed: seed of every chain / pair / scene draw (together with split and index).
         """
         self.spec = RenderSpec(
@@ -536,6 +572,11 @@ class ToyWorld:
         if not 0.0 <= min_preserved_fraction < 1.0:
             raise ValueError(f"min_preserved_fraction must be in [0, 1), got {min_preserved_fraction}")
         self.min_preserved_fraction = min_preserved_fraction
+        if not 0 <= position_jitter <= self.spec.cell_margin():
+            raise ValueError(
+                f"position_jitter must be in [0, {self.spec.cell_margin()}] (the cells' margin), got {position_jitter}"
+            )
+        self.position_jitter = position_jitter
         self.seed = seed
 
     # ----- randomness: every draw is a pure function of (seed, purpose, split, index) -----
@@ -562,7 +603,13 @@ class ToyWorld:
         cell_ids = rng.choice(len(self.cells), size=n, replace=False)
         kinds = [(s, c) for s in self.shapes for c in self.shape_colors]
         kind_ids = rng.choice(len(kinds), size=n, replace=False)
-        objects = tuple(ToyObject(self.cells[i], *kinds[j]) for i, j in zip(cell_ids, kind_ids))
+        offsets = [(0, 0)] * n
+        if self.position_jitter:  # drawn only when jittered: an unjittered world's scenes stay what they were
+            j = self.position_jitter
+            offsets = [tuple(int(v) for v in pair) for pair in rng.integers(-j, j + 1, size=(n, 2))]
+        objects = tuple(
+            ToyObject(self.cells[i], *kinds[k], offset) for i, k, offset in zip(cell_ids, kind_ids, offsets)
+        )
         return Scene(self.background_colors[int(rng.integers(len(self.background_colors)))], objects)
 
     def sample_scene(self, rng: np.random.Generator, split: str, max_tries: int = 100_000) -> Scene:

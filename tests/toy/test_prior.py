@@ -273,3 +273,15 @@ def test_shipped_prior_drifts_on_its_own_outputs(recorded):
     # the editor is decent on clean sources: every edit type succeeds sometimes, background changes always
     by_type = recorded["single_turn"]["success_by_type"]
     assert recorded["single_turn"]["success"] >= 50.0 and min(by_type.values()) >= 20.0
+
+
+def test_prior_world_rebuilds_the_world_a_prior_was_trained_on(tmp_path):
+    from mtflow.toy.prior import prior_world
+
+    shipped = prior_world()
+    assert (shipped.min_shapes, shipped.max_shapes, shipped.position_jitter) == (1, 3, 0)
+    assert prior_world(PRIOR_ASSET).chain(3, "heldout").instructions == ToyWorld().chain(3, "heldout").instructions
+    (tmp_path / "training_stats.json").write_text(json.dumps({"world": {"position_jitter": 2, "num_turns": 4}}))
+    world = prior_world(tmp_path, num_turns=2)  # the record, with the caller's overrides on top
+    assert (world.position_jitter, world.num_turns) == (2, 2)
+    assert prior_world(tmp_path / "missing").position_jitter == 0  # a foreign editor: the default world

@@ -357,3 +357,24 @@ def test_protected_cc_charges_a_later_turn_that_wrecks_an_earlier_edit_but_not_a
     green = ToyObject((0, 0), "circle", "green")
     if_, cc, _ = scores(judge, [item(chain, [chain.scenes[1], Scene("gray", (green, BLUE_SQUARE))])])
     assert if_[0].tolist() == [5, 5] and cc[0, 0] == 5 and cc[0, 1] == pytest.approx(1 + 4 * (1 + 0) / 2)
+
+
+def test_jittered_chains_score_five_only_where_the_offset_is_kept(judge):
+    world = ToyWorld(position_jitter=2)
+    chains = [world.chain(i, "heldout") for i in range(40)]
+    if_, cc, batch = scores(judge, [item_of(c, world) for c in chains])
+    assert (if_ == 5).all() and (cc == 5).all() and batch.scored.all()
+    # a recolour rendered at the centred position instead of the object's offset is not a perfect edit
+    source = Scene("white", (ToyObject((0, 0), "circle", "red", offset=(2, 2)),))
+    chain = make_chain(source, [Edit("color_alter", target=source.objects[0], new_color="blue")])
+    centred = Scene("white", (ToyObject((0, 0), "circle", "blue"),))
+    if_, cc, _ = scores(judge, [item(chain, [centred])])
+    # part of the circle left background-coloured (IF), and blue painted on never-edited background (CC)
+    assert 1 < if_[0, 0] < 5 and cc[0, 0] < 5
+
+
+def item_of(chain: ToyChainSample, world: ToyWorld) -> ScoringItem:
+    images = [world.render(s) for s in chain.scenes[1:]]
+    return ScoringItem(
+        "g0", chain.chain_id, world.render(chain.scenes[0]), images, chain.instructions, chain.metadata()
+    )

@@ -220,3 +220,54 @@ def test_bad_configuration_is_named():
         ToyWorld(shape_palette={"white": (1, 2, 3), "red": (200, 0, 0)})
     with pytest.raises(ValueError, match="split"):
         ToyWorld().chain(0, "test")
+
+
+# ---------------------------------------------------------------------------------------------- position jitter
+def test_an_offset_moves_the_shape_by_exactly_its_pixels_and_survives_json():
+    # the square of cell (1, 1) covers 18..29 centred (see above); offset (down -2, right +1) -> rows 16..27, cols 19..30
+    spec = RenderSpec()
+    moved = ToyObject((1, 1), "square", "blue", offset=(-2, 1))
+    labels = spec.render_labels(Scene("gray", (moved,)))
+    expected = np.full((32, 32), spec.label("gray"), dtype=np.uint8)
+    expected[16:28, 19:31] = spec.label("blue")
+    np.testing.assert_array_equal(labels, expected)
+    scene = Scene("gray", (moved, RED_CIRCLE))
+    assert Scene.from_json(json.loads(scene.key())) == scene
+    assert "offset" not in json.dumps(RED_CIRCLE.to_json())  # centred objects keep the JSON they always had
+    assert spec.cell_margin() == 2  # (16 - 12) / 2
+
+
+def test_jittered_world_offsets_sources_and_edits_keep_or_centre_them():
+    world = ToyWorld(position_jitter=2)
+    offsets = set()
+    for i in range(80):
+        chain = world.chain(i, "train")
+        offsets.update(o.offset for o in chain.scenes[0].objects)
+        for edit, before, after in zip(chain.edits, chain.scenes, chain.scenes[1:]):
+            if edit.type in ("color_alter", "subject_replace"):  # the instruction says nothing about position
+                (new,) = set(after.objects) - set(before.objects)
+                assert new.cell == edit.target.cell and new.offset == edit.target.offset
+            elif edit.type in ("subject_add", "position_change"):  # "in the top left": the cell's centre
+                (new,) = set(after.objects) - set(before.objects)
+                assert new.offset == (0, 0)
+    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    # objects stay inside their cells: no two objects ever overlap
+    for i in range(40):
+        scene = world.random_scene(np.random.default_rng(i))
+        instances = world.spec.render_instances(scene)
+        for j, obj in enumerate(scene.objects):
+            assert (instances == j + 1).sum() == world.spec.render_instances(Scene("white", (obj,))).astype(
+                bool
+            ).sum()
+
+
+def test_an_unjittered_world_draws_exactly_the_chains_it_always_drew():
+    # the jitter draw is skipped at 0, so the shipped prior's world (and its recorded numbers) are unchanged
+    assert ToyWorld().chain(0, "heldout").instructions == [
+        "change the color of the yellow circle to blue",
+        "replace the blue circle with a green triangle",
+        "move the green triangle to the top right",
+    ]
+    assert all(o.offset == (0, 0) for i in range(20) for o in ToyWorld().chain(i, "train").scenes[0].objects)
+    with pytest.raises(ValueError, match="position_jitter must be in \\[0, 2\\]"):
+        ToyWorld(position_jitter=3)
