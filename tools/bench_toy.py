@@ -4,6 +4,7 @@ RL (GRPO: ``configs/toy.yaml``, NFT: ``configs/toy_nft.yaml``), mean and spread 
     python tools/bench_toy.py                         # 3 seeds x {grpo, nft}, runs under /tmp/mtflow_bench_toy
     python tools/bench_toy.py --seeds 0 --losses grpo --extra=--model.max_iterations=5
     python tools/bench_toy.py --reuse                 # finish an interrupted benchmark, keep the finished runs
+    python tools/bench_toy.py --overlay configs/toy_drift.yaml --root /tmp/mtflow_bench_toy_drift  # the drift world
 
 Each run is ``mtflow fit`` in its own process (``--threads`` torch threads) with ``--seed_everything`` set, which
 seeds the LoRA initialisation, the rollouts, the update order and the data order; the prior and after-RL
@@ -34,10 +35,18 @@ TARGET_POINTS = 10.0  # the issue's goal: turn-3 cumulative success at least thi
 
 
 def run_fit(
-    config: Path, root: Path, name: str, seed: int, threads: int, extra: list[str], reuse: bool = False
+    config: Path,
+    root: Path,
+    name: str,
+    seed: int,
+    threads: int,
+    extra: list[str],
+    reuse: bool = False,
+    overlays: list[Path] | None = None,
 ) -> dict[str, Any]:
     """One ``mtflow fit`` in a subprocess; returns the run folder, wall clock and its before/after report.
-    With ``reuse``, a run whose report and wall clock are already on disk is read back instead of run again."""
+    ``overlays`` are config files stacked on ``config`` (e.g. ``configs/toy_drift.yaml``). With ``reuse``, a run
+    whose report and wall clock are already on disk is read back instead of run again."""
     run = root / name / "version_0"
     report_path, wall_path = run / "eval" / "before_after.json", root / f"{name}.wall_clock_s"
     if reuse and report_path.is_file() and wall_path.is_file():
@@ -52,6 +61,7 @@ def run_fit(
         "fit",
         "--config",
         str(config),
+        *[argument for overlay in overlays or [] for argument in ("--config", str(overlay))],
         f"--seed_everything={seed}",
         f"--trainer.logger.init_args.save_dir={root}",
         f"--trainer.logger.init_args.name={name}",
@@ -144,6 +154,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (wall clock per run grows)")
     parser.add_argument("--extra", action="append", default=[], help="extra argument for every mtflow fit")
     parser.add_argument(
+        "--overlay",
+        type=Path,
+        action="append",
+        default=[],
+        help="config stacked on each loss's config (e.g. configs/toy_drift.yaml: the drift world)",
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="read finished runs under --root back instead of running them again",
@@ -155,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def one(job: tuple[str, int]) -> dict[str, Any]:
         loss, seed = job
         name = f"{loss}_seed{seed}"
-        run = run_fit(CONFIGS[loss], args.root, name, seed, args.threads, args.extra, args.reuse)
+        run = run_fit(
+            CONFIGS[loss], args.root, name, seed, args.threads, args.extra, args.reuse, args.overlay
+        )
         run["seed"] = seed
         gain = target_check([run])[0]
         print(f"{name}: turn-K C {gain:+.1f} points, {run['wall_clock_s']:.0f} s", flush=True)
@@ -168,7 +187,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.setdefault(loss, []).append(run)
     table = markdown_table(results)
     print(table)
-    summary: dict[str, Any] = {"table": table, "target_points": TARGET_POINTS, "losses": {}}
+    summary: dict[str, Any] = {
+        "table": table,
+        "target_points": TARGET_POINTS,
+        "overlays": [str(o) for o in args.overlay],
+        "losses": {},
+    }
     for loss, runs in results.items():
         gains = target_check(runs)
         before = rows_for(runs, "before")["M_1-M_K"]

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mtflow.toy.prior import (
+    ASSETS,
     PRIOR_ASSET,
     PRIOR_MAX_SEQUENCE_LENGTH,
     SHIPPED_PRIOR,
@@ -34,6 +35,7 @@ from mtflow.toy.prior import (
     build_toy_prior_components,
     evaluate_prior,
     load_prior_policy,
+    prior_world,
     save_toy_prior,
     train_prior,
     write_json,
@@ -112,9 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    world = ToyWorld(position_jitter=args.position_jitter)
+    if args.evaluate_only:  # the world the prior at --output was trained on
+        world = prior_world(args.output)
+    else:
+        world = ToyWorld(position_jitter=args.position_jitter)
     # same scenes and split, other edit mix
-    pair_world = ToyWorld(position_jitter=args.position_jitter, edit_type_weights=args.edit_type_weights)
+    pair_world = ToyWorld(position_jitter=world.position_jitter, edit_type_weights=args.edit_type_weights)
     spec = ToyPriorSpec()
     config = PriorTrainConfig(
         steps=args.steps,
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             num_pairs=args.eval_pairs, num_chains=args.eval_chains, num_steps=args.eval_steps
         )
         heldout = evaluate_prior(reloaded, world, settings, progress=True)
-        heldout["pretrained"] = PRIOR_ASSET
+        heldout["pretrained"] = asset_name(args.output)
         heldout["max_sequence_length"] = PRIOR_MAX_SEQUENCE_LENGTH
         heldout["world"] = world_args(world)
         heldout["test_subset"] = record_test_subset(reloaded, world, args.threads)
@@ -199,6 +204,14 @@ def record_test_subset(policy, world: ToyWorld, threads: int) -> dict:
     result["multi_turn"].pop("report")
     result["torch_threads"] = threads
     return result
+
+
+def asset_name(folder: Path) -> str:
+    """``mtflow-assets:toy/<name>`` for a prior written into the package's assets, else the folder itself."""
+    folder = folder.resolve()
+    if folder.parent == ASSETS.resolve():
+        return f"{PRIOR_ASSET.rsplit('/', 1)[0]}/{folder.name}"
+    return str(folder)
 
 
 def world_args(world: ToyWorld) -> dict:

@@ -28,6 +28,7 @@ from mtflow.toy.prior import (
     logit_normal_sigmas,
     noised,
     pair_samples,
+    prior_world,
     render_uint8,
     save_toy_prior,
     shifted_labels,
@@ -221,13 +222,20 @@ def _subset_settings(recorded) -> HeldOutSettings:
 _CONTINUOUS = {"mean_if": 0.02, "consistency": 0.25, "overall": 0.25}
 
 
-def test_shipped_prior_reproduces_its_recorded_held_out_numbers(world, recorded):
+@pytest.mark.parametrize("name", ["prior", "prior_drift"])
+def test_shipped_prior_reproduces_its_recorded_held_out_numbers(name):
     """Deterministic rollouts + exact judge: the same successes exactly and the same continuous judge metrics to
-    within a pixel's worth (a recorded small subset; the thread count it was recorded with is restored, since CPU
-    matmuls may block differently per thread count)."""
+    within a pixel's worth (a recorded small subset, on the prior's own world; the thread count it was recorded
+    with is restored, since CPU matmuls may block differently per thread count)."""
+    recorded = json.loads((SHIPPED_PRIOR.parent / name / "heldout.json").read_text())
+    assert recorded["pretrained"] == f"mtflow-assets:toy/{name}"
     subset = recorded["test_subset"]
     with torch_threads(subset["torch_threads"]):
-        policy = load_prior_policy(max_sequence_length=recorded["max_sequence_length"])
+        policy = load_prior_policy(
+            recorded["pretrained"], max_sequence_length=recorded["max_sequence_length"]
+        )
+        world = prior_world(recorded["pretrained"])
+        assert world.position_jitter == recorded["world"].get("position_jitter", 0)
         result = evaluate_prior(policy, world, _subset_settings(recorded))
     for section, keys in (
         ("single_turn", ("success", "mean_if", "consistency", "success_by_type", "count_by_type")),
@@ -276,12 +284,33 @@ def test_shipped_prior_drifts_on_its_own_outputs(recorded):
 
 
 def test_prior_world_rebuilds_the_world_a_prior_was_trained_on(tmp_path):
-    from mtflow.toy.prior import prior_world
-
     shipped = prior_world()
     assert (shipped.min_shapes, shipped.max_shapes, shipped.position_jitter) == (1, 3, 0)
-    assert prior_world(PRIOR_ASSET).chain(3, "heldout").instructions == ToyWorld().chain(3, "heldout").instructions
-    (tmp_path / "training_stats.json").write_text(json.dumps({"world": {"position_jitter": 2, "num_turns": 4}}))
+    assert (
+        prior_world(PRIOR_ASSET).chain(3, "heldout").instructions
+        == ToyWorld().chain(3, "heldout").instructions
+    )
+    (tmp_path / "training_stats.json").write_text(
+        json.dumps({"world": {"position_jitter": 2, "num_turns": 4}})
+    )
     world = prior_world(tmp_path, num_turns=2)  # the record, with the caller's overrides on top
     assert (world.position_jitter, world.num_turns) == (2, 2)
     assert prior_world(tmp_path / "missing").position_jitter == 0  # a foreign editor: the default world
+
+
+def test_drift_prior_shows_exposure_bias_on_its_own_outputs():
+    """The drift prior (jittered world, trained on pairs misaligned by one pixel: each turn moves the picture) fails
+    more on its own outputs than on ground-truth inputs: marginal success M_k falls turn after turn while
+    teacher-forced success (same chains, same noise, ground-truth input) stays near turn 1's (recorded full
+    evaluation, 200 chains; the subset test ties the record to the weights; README, "Exposure bias")."""
+    recorded = json.loads((SHIPPED_PRIOR.parent / "prior_drift" / "heldout.json").read_text())
+    multi = recorded["multi_turn"]
+    assert multi["num_chains"] >= 200 and recorded["world"]["position_jitter"] == 2
+    marginal, forced = multi["marginal_success"], multi["teacher_forced_success"]
+    assert marginal[0] > marginal[1] > marginal[2] and multi["exposure_bias"] >= 5.0, marginal
+    assert np.isclose(multi["exposure_bias"], marginal[0] - marginal[2])
+    # own output loses more from turn 1 to turn 3 than a ground-truth input does
+    assert forced[0] - forced[2] < marginal[0] - marginal[2]
+    stats = json.loads((SHIPPED_PRIOR.parent / "prior_drift" / "training_stats.json").read_text())
+    assert stats["args"]["target_shift"] == 1 and stats["world"] == recorded["world"]
+    assert recorded["single_turn"]["success"] >= 50.0  # it edits clean sources decently
