@@ -60,6 +60,32 @@ def test_toy_configs_describe_rl_from_the_shipped_prior_with_the_exact_judge(nam
     assert DEFAULT_FIT_CONFIG.name == "toy.yaml"  # what `mtflow fit` without --config runs
 
 
+@pytest.mark.parametrize("base", ["toy.yaml", "toy_nft.yaml"])
+def test_drift_overlay_pairs_the_drift_prior_with_the_world_it_was_trained_on(base, capsys):
+    """configs/toy_drift.yaml stacked on either job: the resolved config passes LightningCLI's validation and its
+    data world is exactly the drift prior's recorded world (a held-out table on another world would mean nothing)."""
+    from mtflow.toy.prior import prior_world
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / base),
+                "--config",
+                str(CONFIGS / "toy_drift.yaml"),
+                "--print_config",
+            ]
+        )
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    pretrained = printed["model"]["policy"]["init_args"]["pretrained"]
+    assert pretrained == "mtflow-assets:toy/prior_drift"
+    assert printed["model"]["loss"] == ("grpo" if base == "toy.yaml" else "nft")  # the overlay keeps the job
+    world = printed["data"]["init_args"]["world"]["init_args"]
+    assert vars(ToyWorld(**world)) == vars(prior_world(pretrained))
+
+
 def _reward_curve(run: Path) -> list[float]:
     with open(run / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("reward/mean")]
