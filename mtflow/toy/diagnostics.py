@@ -21,6 +21,9 @@ held-out chains, all with deterministic rollouts, the exact judge and the same p
   a chain even if every edit were perfect.
 - **where survivorship comes from**: teacher-forced success per turn grouped by how many shapes the chain's source
   holds; scene complexity persists along a chain, so the chains that survive are the simpler ones.
+- **where the picture went**: the displacement (down, right) that best aligns each turn's output with its
+  ground truth (``estimated_displacement``): an editor that moves the picture at every turn (the drift prior,
+  trained on pairs misaligned by one pixel) compounds it, (1, 1) after turn 1, (2, 2) after turn 2, ...
 - **why M_k moves**: ``marginal_change_decomposition`` splits M_k - M_1 exactly into turn difficulty (turn k
   on clean input vs turn 1), survivorship (the chains still alive at turn k are easier) and exposure (the paired
   gap), so a survivorship gain that hides an exposure loss is seen, not guessed.
@@ -49,7 +52,7 @@ from mtflow.toy.prior import (
     turn_successes,
     with_progress,
 )
-from mtflow.toy.world import ToyWorld
+from mtflow.toy.world import RenderSpec, Scene, ToyWorld
 
 PERFECT_IF = 4.75
 """IF at or above which a passing turn counts as near-perfect (the exact judge gives 5 to a pixel-exact edit)."""
@@ -183,6 +186,67 @@ def paired_turn_gap(
         row["gap_ci_low"], row["gap_ci_high"] = 100.0 * low, 100.0 * high
         rows.append(row)
     return rows
+
+
+def estimated_displacement(output: np.ndarray, truth: np.ndarray, max_shift: int) -> tuple[int, int] | None:
+    """The shift (down, right), each in [-max_shift, max_shift], under which ``output`` best matches ``truth``.
+
+    Args:
+        output: [H, W] labels of an output (snapped to the palette; off-palette pixels match nothing).
+        truth: [H, W] ground-truth labels.
+    Returns:
+        (dy, dx) maximising the share of equal labels over the overlap of ``output`` with ``truth`` moved by
+        (dy, dx); ties go to the smallest shift (|dy| + |dx|, then the order of the search). None when ``truth``
+        is a single label (every shift matches alike: no displacement to see).
+    """
+    if (truth == truth.flat[0]).all():
+        return None
+    h, w = truth.shape
+    best, best_score = (0, 0), -1.0
+    shifts = [(dy, dx) for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)]
+    for dy, dx in sorted(shifts, key=lambda d: abs(d[0]) + abs(d[1])):
+        moved = output[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)]
+        source = truth[max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
+        score = float((moved == source).mean())
+        if score > best_score:
+            best, best_score = (dy, dx), score
+    return best
+
+
+def output_displacement(
+    items: Sequence[Any], colour_tolerance: float, max_shift: int = 4
+) -> list[dict[str, Any]]:
+    """Per turn: how far the outputs of ``items`` (``ScoringItem`` with toy metadata) sit from their ground truth.
+
+    Returns:
+        One row per turn: ``num_outputs`` (outputs whose ground truth is not a flat image), ``mean_dy`` /
+        ``mean_dx`` (mean ``estimated_displacement`` in pixels, down / right) and ``aligned_share`` (% at (0, 0)).
+    """
+    rows: dict[int, list[tuple[int, int]]] = {}
+    for item in items:
+        toy = item.metadata["toy"]
+        spec = RenderSpec.from_json(toy["render"])
+        for k, (image, scene) in enumerate(zip(item.outputs, toy["scenes"][1:])):
+            truth = spec.render_labels(Scene.from_json(scene))
+            output = snap_to_palette(np.asarray(image.convert("RGB")), spec.palette, colour_tolerance)
+            shift = estimated_displacement(output, truth, max_shift)
+            rows.setdefault(k, [])
+            if shift is not None:
+                rows[k].append(shift)
+    out = []
+    for k in sorted(rows):
+        shifts = np.array(rows[k], dtype=float).reshape(-1, 2)
+        found = len(shifts) > 0
+        out.append(
+            {
+                "turn": k + 1,
+                "num_outputs": len(shifts),
+                "mean_dy": float(shifts[:, 0].mean()) if found else math.nan,
+                "mean_dx": float(shifts[:, 1].mean()) if found else math.nan,
+                "aligned_share": _percent((shifts == 0).all(axis=1)) if found else math.nan,
+            }
+        )
+    return out
 
 
 def marginal_change_decomposition(
@@ -398,13 +462,16 @@ class ChainCondition:
     pass_quality: list[dict[str, Any]] = field(default_factory=list)
     paired_with_teacher_forced: list[dict[str, Any]] = field(default_factory=list)
     marginal_change: list[dict[str, Any]] = field(default_factory=list)
+    displacement: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _run_chains(
     policy, judge, chains, evaluate_kwargs: dict, settings: ExposureBiasSettings, chain_through: str
 ) -> tuple[ChainCondition, np.ndarray]:
     """The chains run one way; also returns the [N, K] 1.0 / 0.0 / NaN per-turn successes in chain order."""
-    report, raw = evaluate_chains(policy, judge, chains, chain_through=chain_through, **evaluate_kwargs)
+    report, raw = evaluate_chains(
+        policy, judge, chains, chain_through=chain_through, **{**evaluate_kwargs, "keep_items": len(chains)}
+    )
     metrics = report.conditions["model"]
     scores = raw["model"].scores
     complete = scores.scored.all(dim=1).numpy()
@@ -418,6 +485,7 @@ def _run_chains(
         exposure_bias=metrics.exposure_bias.to_dict(),
         next_turn=next_turn_success_by_pass_quality(if_scores, settings.threshold, settings.perfect_if),
         pass_quality=pass_quality(if_scores, cc_scores, settings.threshold, settings.perfect_if),
+        displacement=output_displacement(raw["model"].items, judge.colour_tolerance),
     )
     return condition, turn_successes(scores, settings.threshold)
 
@@ -539,6 +607,16 @@ def format_diagnosis(diagnosis: dict[str, Any]) -> str:
         [math.nan] + [r["after_perfect"] for r in pixels["next_turn"]],
     )
     row("imperfect passes (count)", [math.nan] + [r["num_imperfect"] for r in pixels["next_turn"]])
+    for mode in ("pixels", "latents"):
+        moved = diagnosis[f"own_output_through_{mode}"].get("displacement", [])
+        if moved:  # diagnoses written before the measurement have none
+            lines.append(
+                f"| outputs' displacement from the ground truth (through {mode}): mean (down, right) px, % aligned | "
+                + " | ".join(
+                    f"({r['mean_dy']:.2f}, {r['mean_dx']:.2f}), {_fmt(r['aligned_share'])}" for r in moved
+                )
+                + " | |"
+            )
     noise = ", ".join(
         f"sigma {r['sigma']:g}: {_fmt(r['success'])}" for r in diagnosis["source_noise_robustness"]
     )

@@ -12,18 +12,20 @@ import torch
 from mtflow.toy.diagnostics import (
     ExposureBiasSettings,
     diagnose_exposure_bias,
+    estimated_displacement,
     format_diagnosis,
     marginal_change_decomposition,
     marginal_change_intervals,
     next_turn_success_by_pass_quality,
     noisy_source_latents,
+    output_displacement,
     paired_turn_gap,
     pass_quality,
     success_by_group,
     vae_colour_snap,
     vae_round_trip_drift,
 )
-from mtflow.toy.prior import HeldOutSettings, evaluate_prior, load_prior_policy, render_uint8
+from mtflow.toy.prior import HeldOutSettings, evaluate_prior, load_prior_policy, render_uint8, shifted_labels
 from mtflow.toy.world import ToyWorld
 
 # six chains, three turns; pass = IF >= 4, near-perfect = IF >= 4.75
@@ -339,3 +341,54 @@ def test_the_tool_loads_a_checkpoints_adapter_with_its_rank_alpha_and_targets(tm
     assert none is None and bare.lora_rank == 0
     with pytest.raises(FileNotFoundError):
         module.load_policy("unused", tmp_path / "missing.ckpt", "default")
+
+
+def test_estimated_displacement_finds_a_hand_made_shift():
+    world = ToyWorld()
+    spec = world.spec
+    chain = world.chain(4, "heldout")
+    truth = spec.render_labels(chain.scenes[1])
+    fill = spec.label(chain.scenes[1].background)
+    assert estimated_displacement(truth, truth, 4) == (0, 0)
+    assert estimated_displacement(shifted_labels(truth, 1, fill), truth, 4) == (1, 1)
+    assert estimated_displacement(shifted_labels(truth, 3, fill), truth, 4) == (3, 3)
+    up_left = np.full_like(truth, fill)
+    up_left[:-2, :] = truth[2:, :]  # content moved 2 px up
+    assert estimated_displacement(up_left, truth, 4) == (-2, 0)
+    assert estimated_displacement(truth, np.full_like(truth, fill), 4) is None  # flat truth: nothing to align
+
+
+def test_output_displacement_per_turn_of_exact_and_drifting_outputs():
+    from PIL import Image
+
+    from mtflow.reward.base import ScoringItem
+
+    world = ToyWorld()
+    spec = world.spec
+    chains = [world.chain(i, "heldout") for i in range(12)]
+
+    def items(shift_per_turn: int) -> list:
+        out = []
+        for c in chains:
+            images = [
+                Image.fromarray(
+                    spec.palette[
+                        shifted_labels(spec.render_labels(s), shift_per_turn * k, spec.label(s.background))
+                    ]
+                )
+                for k, s in enumerate(c.scenes[1:], start=1)
+            ]
+            out.append(
+                ScoringItem(
+                    c.chain_id, c.chain_id, world.render(c.scenes[0]), images, c.instructions, c.metadata()
+                )
+            )
+        return out
+
+    exact = output_displacement(items(0), colour_tolerance=48.0)
+    assert [r["turn"] for r in exact] == [1, 2, 3]
+    assert all(r["aligned_share"] == 100.0 and r["mean_dy"] == r["mean_dx"] == 0.0 for r in exact)
+    drifting = output_displacement(items(1), colour_tolerance=48.0)  # turn k moved k px down and right
+    for k, row in enumerate(drifting, start=1):
+        assert row["mean_dy"] == row["mean_dx"] == float(k) and row["aligned_share"] == 0.0
+        assert row["num_outputs"] == len(chains)  # no flat ground truth among these chains
