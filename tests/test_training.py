@@ -324,3 +324,49 @@ def test_an_explicit_seed_wins_over_seed_everything():
     lightning.seed_everything(7)
     assert resolve_seed(None) == 7 and ToyDataModule().seed == 7
     assert resolve_seed(2) == 2 and ToyDataModule(seed=2).seed == 2
+
+
+def test_grpo_ema_adapter_follows_its_recurrence_and_is_what_gets_evaluated(
+    tiny_kontext_path, manifest, tmp_path
+):
+    """ema_decay on GRPO (configs/toy_long.yaml): after every iteration the EMA adapter is
+    decay * EMA + (1 - decay) * trained, rollouts still sample the trained adapter, and evaluation uses the EMA."""
+    decay = 0.5
+    config = tiny_fit_config(
+        tiny_kontext_path, manifest, tmp_path, model={"loss": "grpo", "ema_decay": decay, "max_iterations": 3}
+    )
+    config["checkpoint"] = {"every_n_iterations": 1, "keep_every": True}
+    cli = _fit(config, tmp_path)
+    assert cli.model.sampling_adapter == "default" and cli.model.eval_adapter == "ema"
+    folder = tmp_path / "run" / "version_0" / "checkpoints"
+    states = [
+        torch.load(folder / f"iter_{n:06d}.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        for n in (1, 2, 3)
+    ]
+
+    def adapter(state: dict, name: str) -> dict[str, torch.Tensor]:
+        return {k.replace(f".{name}.", "."): v for k, v in state.items() if f".{name}." in k}
+
+    first_trained, first_ema = adapter(states[0], "default"), adapter(states[0], "ema")
+    assert first_trained.keys() == first_ema.keys() and first_trained
+    for key, value in first_trained.items():
+        if "lora_B" in key:  # B starts at zero in both adapters
+            torch.testing.assert_close(first_ema[key], (1 - decay) * value, rtol=0, atol=1e-7)
+    for previous, current in zip(states, states[1:]):
+        ema_before, trained, ema = (
+            adapter(previous, "ema"),
+            adapter(current, "default"),
+            adapter(current, "ema"),
+        )
+        moved = False
+        for key, value in trained.items():
+            torch.testing.assert_close(
+                ema[key], decay * ema_before[key] + (1 - decay) * value, rtol=0, atol=1e-7
+            )
+            moved |= not torch.equal(ema[key], value)
+        assert moved  # the EMA lags the trained adapter
+    final = adapter(cli.model.state_dict(), "ema")  # the last checkpoint holds the adapter the run ended with
+    last = adapter(states[-1], "ema")
+    assert final.keys() == last.keys()
+    for key, value in final.items():
+        assert torch.equal(value, last[key]), key
