@@ -86,6 +86,24 @@ def test_drift_overlay_pairs_the_drift_prior_with_the_world_it_was_trained_on(ba
     assert vars(ToyWorld(**world)) == vars(prior_world(pretrained))
 
 
+def test_long_overlay_doubles_the_default_job_and_evaluates_an_ema_adapter(capsys):
+    """configs/toy_long.yaml stacked on configs/toy.yaml (the benchmark's long GRPO row): the same job, prior and
+    world, with 60 iterations and an EMA adapter, validated by LightningCLI."""
+    printed = {}
+    for stack in (["toy.yaml"], ["toy.yaml", "toy_long.yaml"]):
+        args = ["fit"] + [a for name in stack for a in ("--config", str(CONFIGS / name))] + ["--print_config"]
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code in (0, None)
+        printed[len(stack)] = yaml.safe_load(capsys.readouterr().out)
+    base, long = printed[1], printed[2]
+    assert (long["model"]["max_iterations"], long["model"]["ema_decay"]) == (60, 0.9)
+    assert base["model"]["ema_decay"] is None and base["model"]["max_iterations"] == 30
+    for key in ("max_iterations", "ema_decay"):
+        base["model"].pop(key), long["model"].pop(key)
+    assert long == base  # nothing else differs: same loss, prior, world, judge and evaluation
+
+
 def _reward_curve(run: Path) -> list[float]:
     with open(run / "metrics.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("reward/mean")]
