@@ -14,24 +14,20 @@ import pytest
 import yaml
 
 from mtflow.cli import main
-from mtflow.testing.fixtures import REPO_CONFIGS, tiny_fit_config, write_config, write_random_manifest
-
-
-def _printed_config(capsys, *configs: str, extra: tuple[str, ...] = ()) -> dict:
-    args = ["fit"]
-    for config in configs:
-        args += ["--config", str(REPO_CONFIGS / config)]
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args, *extra, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
+from mtflow.testing.fixtures import (
+    REPO_CONFIGS,
+    printed_fit_config,
+    tiny_fit_config,
+    write_config,
+    write_random_manifest,
+)
 
 
 @pytest.mark.parametrize(
     "config,loss", [("flux_kontext_grpo.yaml", "grpo"), ("flux_kontext_nft.yaml", "nft")]
 )
 def test_paper_configs_print_the_paper_values(capsys, config, loss):
-    printed = _printed_config(capsys, config)
+    printed = printed_fit_config(capsys, config)
     model = printed["model"]
     policy = model["policy"]["init_args"]
     assert model["loss"] == loss
@@ -55,11 +51,11 @@ def test_paper_configs_print_the_paper_values(capsys, config, loss):
 
 
 def test_stacked_configs_and_command_line_overrides(capsys):
-    printed = _printed_config(
+    printed = printed_fit_config(
         capsys, "flux_kontext_grpo.yaml", "ablations/G8.yaml", extra=("--model.num_steps=6",)
     )
     assert printed["model"]["group_size"] == 8 and printed["model"]["num_steps"] == 6
-    printed = _printed_config(capsys, "flux_kontext_grpo.yaml", "ablations/window.yaml")
+    printed = printed_fit_config(capsys, "flux_kontext_grpo.yaml", "ablations/window.yaml")
     assert printed["model"]["stochastic"] == "window" and printed["model"]["clip_eps"] == 1e-5
 
 

@@ -58,6 +58,22 @@ def write_random_manifest(
 REPO_CONFIGS = Path(str(resources.files("mtflow.configs")))  # as mtflow.cli resolves them
 
 
+def printed_fit_config(capsys, *configs: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``mtflow fit --config <each of configs> <extra> --print_config``: the config LightningCLI resolved and
+    validated, as a dict (configs are names under ``configs/``; ``capsys`` is pytest's fixture)."""
+    import pytest
+
+    from mtflow.cli import main
+
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(REPO_CONFIGS / config)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *extra, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
 def tiny_fit_config(
     pretrained: str | Path,
     manifest: str | Path,

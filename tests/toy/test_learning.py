@@ -13,7 +13,7 @@ import yaml
 
 from mtflow.cli import DEFAULT_FIT_CONFIG, main
 from mtflow.data.loader import ChainBatches
-from mtflow.testing.fixtures import torch_threads
+from mtflow.testing.fixtures import printed_fit_config, torch_threads
 from mtflow.toy.module import ToyDataModule
 from mtflow.toy.world import ToyWorld
 from mtflow.training.module import FlowRLModule
@@ -66,19 +66,7 @@ def test_drift_overlay_pairs_the_drift_prior_with_the_world_it_was_trained_on(ba
     data world is exactly the drift prior's recorded world (a held-out table on another world would mean nothing)."""
     from mtflow.toy.prior import prior_world
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "fit",
-                "--config",
-                str(CONFIGS / base),
-                "--config",
-                str(CONFIGS / "toy_drift.yaml"),
-                "--print_config",
-            ]
-        )
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = printed_fit_config(capsys, base, "toy_drift.yaml")
     pretrained = printed["model"]["policy"]["init_args"]["pretrained"]
     assert pretrained == "mtflow-assets:toy/prior_drift"
     assert printed["model"]["loss"] == ("grpo" if base == "toy.yaml" else "nft")  # the overlay keeps the job
@@ -89,14 +77,8 @@ def test_drift_overlay_pairs_the_drift_prior_with_the_world_it_was_trained_on(ba
 def test_long_overlay_doubles_the_default_job_and_evaluates_an_ema_adapter(capsys):
     """configs/toy_long.yaml stacked on configs/toy.yaml (the benchmark's long GRPO row): the same job, prior and
     world, with 60 iterations and an EMA adapter, validated by LightningCLI."""
-    printed = {}
-    for stack in (["toy.yaml"], ["toy.yaml", "toy_long.yaml"]):
-        args = ["fit"] + [a for name in stack for a in ("--config", str(CONFIGS / name))] + ["--print_config"]
-        with pytest.raises(SystemExit) as exit_info:
-            main(args)
-        assert exit_info.value.code in (0, None)
-        printed[len(stack)] = yaml.safe_load(capsys.readouterr().out)
-    base, long = printed[1], printed[2]
+    base = printed_fit_config(capsys, "toy.yaml")
+    long = printed_fit_config(capsys, "toy.yaml", "toy_long.yaml")
     assert (long["model"]["max_iterations"], long["model"]["ema_decay"]) == (60, 0.9)
     assert base["model"]["ema_decay"] is None and base["model"]["max_iterations"] == 30
     for printed_config in (base, long):
