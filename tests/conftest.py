@@ -13,6 +13,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_report_header(config):
+    """The resolved versions of the packages behind most upstream breaks, at the top of every run (``.ci/run``
+    sets MTFLOW_PRINT_VERSIONS so the table shows under ``-q`` too: a red CI log then says what was resolved)."""
+    from mtflow.environment import version_table
+
+    return ["resolved packages:", *version_table().splitlines()]
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("MTFLOW_PRINT_VERSIONS") and session.config.get_verbosity() < 0:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            for line in pytest_report_header(session.config):
+                reporter.write_line(line)
+
+
 @pytest.fixture(autouse=True)
 def _no_global_seed_from_earlier_tests(monkeypatch):
     """A module's seed=None follows seed_everything (mtflow.seeding); one test's seed must not leak into the next."""

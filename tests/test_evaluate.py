@@ -69,12 +69,24 @@ def test_report_of_a_checkpoint_matches_an_independent_evaluation(tiny_kontext_p
         progress="independent run",  # a progress bar changes nothing but stderr
     )
     assert "independent run" in capsys.readouterr().err
+    # Both paths run the same float32 network on the same chains and noise, but CPU BLAS (MKL picks kernels by CPU
+    # and buffer alignment) may round differently, so a decoded pixel near a rounding boundary can land one grey
+    # level away. One such pixel-channel moves CC_k (points, 100 * (1 - mean |out - src|)) by 100 / (255 * numel)
+    # per chain, and O_k = sqrt(C_k * CC_k) by at most as much (dO/dCC = sqrt(C/CC) / 2 < 1 here). Allow 1 % of
+    # the pixel-channels to flip: 100 * 0.01 / 255 = 0.0039 points; a wrong chain, adapter or noise moves them by
+    # whole points.
+    one_percent_of_pixels_off_by_one_level = 100 * 0.01 / 255
     for name in ("model", "base"):
         ours = report["conditions"][name]
         theirs = independent.conditions[name]
         for k in range(2):
-            assert ours["overall"][k]["value"] == pytest.approx(theirs.overall[k].value, abs=1e-9)
-            assert ours["consistency"][k]["value"] == pytest.approx(theirs.consistency[k].value, abs=1e-9)
+            for key, value in (
+                ("overall", theirs.overall[k].value),
+                ("consistency", theirs.consistency[k].value),
+            ):
+                assert ours[key][k]["value"] == pytest.approx(
+                    value, abs=one_percent_of_pixels_off_by_one_level
+                )
     # the trained adapter really differs from the base on these chains
     assert report["conditions"]["model"]["mean_if"] != report["conditions"]["base"]["mean_if"]
 

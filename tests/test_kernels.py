@@ -23,8 +23,9 @@ def triton_interpreter():
     """Switch the interpreter on before the kernel modules are (re)defined, and check that it really is in use."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    from mtflow.kernels import _triton_common, _triton_losses, _triton_sde
     from triton.runtime.interpreter import InterpretedFunction
+
+    from mtflow.kernels import _triton_common, _triton_losses, _triton_sde
 
     for module in (_triton_common, _triton_sde, _triton_losses):  # common first: the others import from it
         importlib.reload(module)  # @triton.jit reads TRITON_INTERPRET when the kernel is defined
