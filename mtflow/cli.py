@@ -2,8 +2,8 @@
 ``data`` and ``sweep``.
 
     mtflow fit --config configs/toy.yaml
-    mtflow fit --config configs/flux_kontext_grpo.yaml --config configs/ablations/G8.yaml --model.group_size=8
-    mtflow fit --config configs/flux_kontext_grpo.yaml --print_config
+    mtflow fit --config configs/flux_kontext.yaml --config configs/ablations/G8.yaml --model.rollout.group_size=8
+    mtflow fit --config configs/flux_kontext.yaml --config configs/flux_kontext_nft.yaml --print_config
     mtflow export --config runs/x/config.yaml --ckpt_path runs/x/checkpoints/last.ckpt --output_dir lora/
     mtflow serve-reward --config configs/reward_server.yaml
     mtflow data convert-edival --csv ... --images ... --output manifest.jsonl
@@ -25,6 +25,7 @@ from typing import Literal
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mtflow.checkpoints import read_checkpoint
 from mtflow.data.module import ChainDataModule
 from mtflow.training.callbacks import (
     HeldOutEvaluation,
@@ -33,6 +34,7 @@ from mtflow.training.callbacks import (
     RolloutImageLogger,
     RunStatus,
 )
+from mtflow.training.migrate import migrate_hparams
 from mtflow.training.module import FlowRLModule
 
 REPO_CONFIGS = Path(str(resources.files("mtflow.configs")))  # configs/ of the checkout, or as installed
@@ -103,10 +105,19 @@ class MtflowCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI overwrites the model config with the checkpoint's hyperparameters. When resuming a fit, the
         # given config wins (so a run can be resumed with e.g. a larger max_iterations). Elsewhere (test, validate,
-        # export) the checkpoint fills in the model, but what the user typed (--model.eval_conditions=[model], ...)
-        # still wins: Lightning would drop it silently.
+        # export) the checkpoint fills in the model, but what the user typed (--model.evaluation.conditions=[model],
+        # ...) still wins: Lightning would drop it silently. Hyperparameters written by v0.1 (flat arguments) are
+        # migrated to the typed groups first.
         subcommand = self.config.get("subcommand")
         if subcommand in (None, "fit"):
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        for private in ("_instantiator", "_class_path"):
+            hparams.pop(private, None)
+        if not hparams:
             return
         typed = {
             arg.split("=", 1)[0][len("--model.") :]
@@ -114,7 +125,8 @@ class MtflowCLI(LightningCLI):
             if arg.startswith("--model.")
         }
         before = {key: self.config.get(f"{subcommand}.model.{key}") for key in typed}
-        super()._parse_ckpt_path()
+        hparams = migrate_hparams(hparams)
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         for key, value in before.items():
             self.config[f"{subcommand}.model.{key}"] = value
 

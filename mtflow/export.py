@@ -3,7 +3,8 @@
 Keys follow diffusers' Flux LoRA format, ``transformer.<module>.lora_A.weight`` / ``.lora_B.weight``. The scale
 alpha / r is carried by a ``transformer.<module>.alpha`` scalar tensor per module and nothing in the header: with
 alpha only in the safetensors metadata (peft's default) ComfyUI applies the wrong scale whenever alpha != r, and
-with both diffusers refuses the file (stack-traps.md, "LoRA export").
+with both diffusers refuses the file (measured on a tiny Flux transformer; ``tests/test_training.py`` loads an exported
+file into diffusers' stock pipeline with alpha != rank).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from mtflow.checkpoints import read_checkpoint
 
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
 
@@ -56,22 +59,8 @@ def checkpoint_adapter(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read an ``mtflow fit`` checkpoint once: the chosen adapter in diffusers' format, and the checkpoint's
     ``mtflow`` section (adapters, LoRA rank / alpha / targets, pretrained base)."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    try:  # weights_only: a checkpoint is data, never code to unpickle
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a truncated, corrupt or foreign file
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(
-            f"{ckpt_path} is not a readable mtflow checkpoint (corrupt, truncated, or not a torch file?): "
-            f"{first_line}"
-        ) from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{ckpt_path} holds a {type(checkpoint).__name__}, not an mtflow fit checkpoint")
-    info = checkpoint.get("mtflow")
-    if info is None:
-        raise ValueError(f"{ckpt_path} was not written by mtflow fit (no 'mtflow' section)")
+    checkpoint = read_checkpoint(ckpt_path)
+    info = checkpoint["mtflow"]
     if adapter not in info.get("adapters", []):
         raise ValueError(f"{ckpt_path} has adapters {info.get('adapters')}, not {adapter!r}")
     return lora_state_to_diffusers(checkpoint["state_dict"], adapter, info["lora"]["alpha"]), info

@@ -436,14 +436,6 @@ def nft_loss(
 # ------------------------------------------------------------------------------------------ parameter averaging
 
 
-def sampling_adapter(loss: str) -> str:
-    """The LoRA adapter rollouts sample with: GRPO is on-policy ("default", the trained adapter); NFT samples with
-    the slowly following "old" adapter (DESIGN.md section 6)."""
-    if loss not in ("grpo", "nft"):
-        raise ValueError(f"loss must be 'grpo' or 'nft', got {loss!r}")
-    return "old" if loss == "nft" else "default"
-
-
 def old_adapter_decay(iteration: int, rate: float = 0.001, max_decay: float = 0.5) -> float:
     """eta = min(rate * iteration, max_decay): how much of the old adapter survives a soft update.
 

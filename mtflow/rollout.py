@@ -8,7 +8,6 @@ turn's output is decoded to uint8 pixels and re-encoded as the next turn's refer
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,26 +18,23 @@ from PIL import Image
 
 from mtflow import kernels
 from mtflow.data.records import EditChain
-from mtflow.models.base import EditPolicy, TextEmbeddings
+from mtflow.models.base import TRAINED_ADAPTER, EditPolicy, TextEmbeddings
 from mtflow.reward.base import ScoreBatch, ScoringItem
-from mtflow.sampling import StochasticMode, stochastic_steps
+from mtflow.sampling import SDEConfig, stochastic_steps
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """How trajectories are sampled.
+    """How trajectories are sampled (which steps are stochastic is the algorithm's ``SDEConfig``).
 
     Attributes:
         group_size: G trajectories per chain.
         num_steps: T sampler steps per turn.
-        noise_level: a of the SDE (0 = deterministic ODE sampling).
-        stochastic: which steps use the SDE and are recorded for training: "all", "window" or "none".
-        window_size: W, the number of consecutive SDE steps in window mode.
-        forward_batch_size: samples per transformer forward (memory bound).
+        forward_batch_size: samples per transformer forward in rollouts and updates (memory bound).
         store_dtype: dtype of recorded states ("bfloat16" halves rollout memory; log-probs stay exact).
-        kernels: "auto" (fused Triton SDE step on CUDA, torch elsewhere), "torch" or "triton".
+        kernels: fused Triton kernels for the SDE step and the losses: "auto" (on CUDA), "torch" or "triton".
         chain_through: what turn k+1 is conditioned on: "pixels", turn k's decoded uint8 image re-encoded (what a
             user's next edit sees), or "latents", turn k's final latent as is (skips the VAE round trip: a
             diagnostic that separates the editor's own drift from what decoding and re-encoding do to it).
@@ -46,9 +42,6 @@ class RolloutConfig:
 
     group_size: int = 16
     num_steps: int = 12
-    noise_level: float = 0.9
-    stochastic: StochasticMode = "all"
-    window_size: int = 2
     forward_batch_size: int = 16
     store_dtype: Literal["float32", "bfloat16"] = "float32"
     kernels: Literal["auto", "torch", "triton"] = "auto"
@@ -56,18 +49,19 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         # Checked here, when a config is built, not minutes later in the first rollout (or never, for some).
-        for name in ("group_size", "num_steps", "forward_batch_size", "window_size"):
+        for name in ("group_size", "num_steps", "forward_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"RolloutConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not math.isfinite(self.noise_level) or self.noise_level < 0:
-            raise ValueError(f"RolloutConfig.noise_level must be finite and >= 0, got {self.noise_level}")
         for name, annotation in get_type_hints(type(self)).items():  # the Literal fields' own choices
             allowed = get_args(annotation) if get_origin(annotation) is Literal else None
             if allowed and getattr(self, name) not in allowed:
                 raise ValueError(f"RolloutConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
-        if self.stochastic == "window" and self.window_size > self.num_steps:
+
+    def check_sde(self, sde: SDEConfig | None) -> None:
+        """Refuse an SDE window longer than a turn."""
+        if sde is not None and sde.stochastic == "window" and sde.window_size > self.num_steps:
             raise ValueError(
-                f"RolloutConfig.window_size ({self.window_size}) exceeds num_steps ({self.num_steps})"
+                f"the SDE window ({sde.window_size} steps) exceeds a turn's num_steps ({self.num_steps})"
             )
 
 
@@ -235,8 +229,9 @@ def rollout(
     chains: Sequence[EditChain],
     config: RolloutConfig,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    adapter: str | None = "default",
+    adapter: str | None = TRAINED_ADAPTER,
     recorded_steps: Sequence[int] | None = None,
+    sde: SDEConfig | None = None,
 ) -> Rollout:
     """Sample G trajectories of K turns for each chain.
 
@@ -246,9 +241,11 @@ def rollout(
         config: sampling settings.
         generator: one generator for all randomness, or one per chain (see ``_NoiseSource``).
         adapter: adapter to sample with (None: the frozen base).
-        recorded_steps: grid indices that use the SDE and are recorded (default: from ``config.stochastic``, a
+        recorded_steps: grid indices that use the SDE and are recorded (default: from ``sde.stochastic``, a
             window drawn from the first generator).
+        sde: which steps are stochastic and with what noise level (None: deterministic, nothing recorded).
     """
+    config.check_sde(sde)
     if not chains:
         raise ValueError("rollout needs at least one chain")
     turns = {c.num_turns for c in chains}
@@ -275,11 +272,13 @@ def rollout(
 
         grid = policy.timestep_grid(config.num_steps)
         sigmas = grid.sigmas.float()
-        if recorded_steps is None:
-            recorded = stochastic_steps(config.num_steps, config.stochastic, config.window_size, noise.first)
+        if sde is None:
+            recorded: list[int] = []
+        elif recorded_steps is None:
+            recorded = stochastic_steps(config.num_steps, sde.stochastic, sde.window_size, noise.first)
         else:
             recorded = sorted(int(i) for i in recorded_steps)
-        noise_level = config.noise_level if config.stochastic != "none" else 0.0
+        noise_level = sde.noise_level if sde is not None else 0.0
 
         images, references, finals, states, next_states, log_probs = [], [], [], [], [], []
         forward_calls = 0

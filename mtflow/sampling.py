@@ -30,6 +30,34 @@ LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 StochasticMode = Literal["all", "window", "none"]
 
 
+@dataclass(frozen=True)
+class SDEConfig:
+    """Which steps of a turn are sampled with the SDE (and recorded for training), and with how much noise. The
+    algorithm decides this (GRPO: every step or a window; NFT: none by default); a rollout without an ``SDEConfig``
+    is deterministic (Euler / ODE), as evaluation and inference are.
+
+    Attributes:
+        noise_level: a of the SDE step (Flow-GRPO's FLUX configs: 0.9); > 0.
+        stochastic: "all" steps, or a "window" of ``window_size`` consecutive steps at a position drawn per iteration.
+        window_size: W, for window mode.
+    """
+
+    noise_level: float = 0.9
+    stochastic: Literal["all", "window"] = "all"
+    window_size: int = 2
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_level) and self.noise_level > 0):
+            raise ValueError(
+                f"SDEConfig.noise_level must be finite and > 0, got {self.noise_level} (a rollout without an "
+                "SDEConfig is the deterministic one)"
+            )
+        if self.stochastic not in ("all", "window"):
+            raise ValueError(f"SDEConfig.stochastic={self.stochastic!r}; expected 'all' or 'window'")
+        if int(self.window_size) < 1:
+            raise ValueError(f"SDEConfig.window_size must be >= 1, got {self.window_size}")
+
+
 @dataclass
 class TimestepGrid:
     """The sampling grid of one resolution.

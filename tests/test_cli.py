@@ -24,16 +24,21 @@ from mtflow.testing.fixtures import (
 
 
 @pytest.mark.parametrize(
-    "config,loss", [("flux_kontext_grpo.yaml", "grpo"), ("flux_kontext_nft.yaml", "nft")]
+    "overlay,algorithm", [("flux_kontext_grpo.yaml", "GRPO"), ("flux_kontext_nft.yaml", "NFT")]
 )
-def test_paper_configs_print_the_paper_values(capsys, config, loss):
-    printed = printed_fit_config(capsys, config)
+def test_paper_configs_print_the_paper_values(capsys, overlay, algorithm):
+    printed = printed_fit_config(capsys, "flux_kontext.yaml", overlay)
     model = printed["model"]
     policy = model["policy"]["init_args"]
-    assert model["loss"] == loss
-    assert (model["group_size"], model["num_steps"], model["lambda_cc"]) == (16, 12, 0.3)
-    assert (model["fusion"], model["broadcast"], model["aggregation"]) == ("advantage", "trajectory", "mean")
-    assert model["adv_clip"] == 5.0 and model["lr"] == 3e-4
+    rollout, advantage, optim = model["rollout"], model["advantage"], model["optim"]
+    assert model["algorithm"]["class_path"] == f"mtflow.algorithms.{algorithm}"
+    assert (rollout["group_size"], rollout["num_steps"], advantage["lambda_cc"]) == (16, 12, 0.3)
+    assert (advantage["fusion"], advantage["broadcast"], advantage["aggregation"]) == (
+        "advantage",
+        "trajectory",
+        "mean",
+    )
+    assert advantage["a_max"] == 5.0 and optim["lr"] == 3e-4
     assert policy["pretrained"] == "black-forest-labs/FLUX.1-Kontext-dev"
     assert (policy["resolution"], policy["guidance_scale"], policy["lora_rank"], policy["lora_alpha"]) == (
         512,
@@ -44,19 +49,66 @@ def test_paper_configs_print_the_paper_values(capsys, config, loss):
     assert printed["data"]["init_args"]["num_turns"] == 3
     assert model["scorer"]["class_path"] == "mtflow.reward.client.RemoteScorer"
     assert model["scorer"]["init_args"]["url"].startswith("http://")
-    if loss == "grpo":
-        assert (model["noise_level"], model["clip_eps"], model["beta_kl"]) == (0.9, 1e-4, 0.0)
+    args = model["algorithm"]["init_args"]
+    if algorithm == "GRPO":
+        assert (args["noise_level"], args["clip_eps"], args["beta_kl"]) == (0.9, 1e-4, 0.0)
+        assert model["ema_decay"] is None
     else:
-        assert (model["nft_beta"], model["ema_decay"]) == (1.0, 0.9)
+        assert (args["beta"], args["rollout_noise_level"], model["ema_decay"]) == (1.0, 0.0, 0.9)
+        assert "clip_eps" not in args  # an NFT run carries no GRPO knob
+
+
+def test_the_paper_base_alone_is_grpo_with_the_paper_knobs(capsys):
+    base = printed_fit_config(capsys, "flux_kontext.yaml")
+    overlay = printed_fit_config(capsys, "flux_kontext.yaml", "flux_kontext_grpo.yaml")
+    assert base["model"]["algorithm"] == overlay["model"]["algorithm"]
 
 
 def test_stacked_configs_and_command_line_overrides(capsys):
-    printed = printed_fit_config(
-        capsys, "flux_kontext_grpo.yaml", "ablations/G8.yaml", extra=("--model.num_steps=6",)
+    paper = ("flux_kontext.yaml", "flux_kontext_grpo.yaml")
+    printed = printed_fit_config(capsys, *paper, "ablations/G8.yaml", extra=("--model.rollout.num_steps=6",))
+    assert printed["model"]["rollout"]["group_size"] == 8 and printed["model"]["rollout"]["num_steps"] == 6
+    printed = printed_fit_config(capsys, *paper, "ablations/window.yaml")
+    args = printed["model"]["algorithm"]["init_args"]
+    assert args["stochastic"] == "window" and args["clip_eps"] == 1e-5 and args["noise_level"] == 0.9
+    # the short form switches algorithm; the GRPO knobs of the config do not follow it
+    printed = printed_fit_config(capsys, *paper, extra=("--model.algorithm", "NFT"))
+    assert printed["model"]["algorithm"]["class_path"] == "mtflow.algorithms.NFT"
+    assert "clip_eps" not in printed["model"]["algorithm"]["init_args"]
+
+
+@pytest.mark.parametrize(
+    ("configs", "extra", "option"),
+    [
+        (("toy.yaml", "toy_nft.yaml"), ("--model.algorithm.clip_eps=0.1",), "clip_eps"),  # GRPO knob on NFT
+        (("toy.yaml", "toy_nft.yaml"), ("--model.algorithm.beta_kl=0.1",), "beta_kl"),
+        (("toy.yaml",), ("--model.algorithm.train_timesteps=2",), "train_timesteps"),  # NFT knob on GRPO
+        (("toy.yaml",), ("--model.algorithm.beta=0.5",), "beta"),
+        (("toy.yaml",), ("--model.clip_eps=0.1",), "clip_eps"),  # v0.1's flat name
+        (("toy.yaml",), ("--model.nft_beta=0.5",), "nft_beta"),
+    ],
+)
+def test_an_option_of_the_other_algorithm_is_refused_naming_it(capsys, configs, extra, option):
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(REPO_CONFIGS / config)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *extra, "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and ("not accepted" in err or "unrecognized arguments" in err), err[-500:]
+
+
+def test_an_algorithm_option_in_a_yaml_file_is_refused_when_the_config_is_read(capsys, tmp_path):
+    overlay = write_config(
+        {"model": {"algorithm": {"class_path": "mtflow.algorithms.NFT", "init_args": {"clip_eps": 1e-3}}}},
+        tmp_path / "wrong.yaml",
     )
-    assert printed["model"]["group_size"] == 8 and printed["model"]["num_steps"] == 6
-    printed = printed_fit_config(capsys, "flux_kontext_grpo.yaml", "ablations/window.yaml")
-    assert printed["model"]["stochastic"] == "window" and printed["model"]["clip_eps"] == 1e-5
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO_CONFIGS / "toy.yaml"), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Option 'clip_eps' is not accepted" in err and "mtflow.algorithms.NFT" in err
 
 
 def test_reward_server_config_builds(capsys):
@@ -74,7 +126,7 @@ def test_reward_server_config_builds(capsys):
     "args,needle",
     [
         (["--help"], "fit"),
-        (["fit", "--help"], "--model.group_size"),
+        (["fit", "--help"], "--model.rollout.group_size"),
         (["export", "--help"], "--ckpt_path"),
         (["serve-reward", "--help"], "--port"),
         (["data", "convert-edival", "--help"], "csv"),
@@ -123,11 +175,12 @@ def test_bad_manifest_fails_before_training_with_line_numbers(tiny_kontext_path,
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("--model.group_size=1", "every advantage is 0"),
-        ("--model.noise_level=0", "GRPO needs stochastic"),
-        ("--model.noise_level=-1", "noise_level must be finite and >= 0"),
-        ("--model.forward_batch_size=0", "forward_batch_size must be >= 1"),
-        ("--model.eval_num_steps=0", "eval_num_steps must be >= 1"),
+        ("--model.rollout.group_size=1", "every advantage is 0"),
+        ("--model.algorithm.noise_level=0", "GRPO needs stochastic"),
+        ("--model.algorithm.noise_level=-1", "GRPO needs stochastic"),
+        ("--model.rollout.forward_batch_size=0", "forward_batch_size must be >= 1"),
+        ("--model.evaluation.num_steps=0", "num_steps must be >= 1"),
+        ("--model.optim.updates_per_rollout=0", "updates_per_rollout must be >= 1"),
     ],
 )
 def test_knobs_that_cannot_train_fail_when_the_module_is_built(tiny_kontext_path, tmp_path, override, needle):

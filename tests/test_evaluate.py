@@ -26,7 +26,7 @@ def trained_run(tiny_kontext_path, tmp_path_factory):
         manifest,
         root,
         name="trained",
-        model={"lr": 0.05, "max_iterations": 2},
+        model={"optim": {"lr": 0.05}, "max_iterations": 2},
         data={"val_manifest": str(manifest), "val_batch_size": 4},
     )
     path = write_config(config, root / "trained.yaml")
@@ -40,7 +40,7 @@ def _test(config_path, *extra):
 
 def test_report_of_a_checkpoint_matches_an_independent_evaluation(tiny_kontext_path, trained_run, capsys):
     root, manifest, config_path, ckpt = trained_run
-    cli = _test(config_path, "--ckpt_path", str(ckpt), "--model.eval_bootstrap=200")
+    cli = _test(config_path, "--ckpt_path", str(ckpt), "--model.evaluation.bootstrap=200")
     out = root / "trained" / "version_0" / "eval"  # test reuses the logger's folder (version 0)
     report = json.loads((out / "report.json").read_text())
     assert set(report["conditions"]) == {"model", "base", "merged"}
@@ -94,18 +94,19 @@ def test_report_of_a_checkpoint_matches_an_independent_evaluation(tiny_kontext_p
 def test_options_typed_for_test_win_over_the_checkpoint_hyperparameters(trained_run):
     root, _, config_path, ckpt = trained_run
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    evaluation = stored["evaluation"]
     assert (
-        stored["eval_conditions"] is None and stored["eval_num_steps"] is None
+        evaluation["conditions"] is None and evaluation["num_steps"] is None
     )  # what the checkpoint would impose
     cli = _test(
         config_path,
         "--ckpt_path",
         str(ckpt),
-        "--model.eval_conditions=[model]",
-        "--model.eval_num_steps",
+        "--model.evaluation.conditions=[model]",
+        "--model.evaluation.num_steps",
         "3",
     )
-    assert cli.model.hparams.eval_conditions == ["model"] and cli.model.hparams.eval_num_steps == 3
+    assert cli.model.eval_config.conditions == ["model"] and cli.model.eval_config.num_steps == 3
     report = json.loads((root / "trained" / "version_0" / "eval" / "report.json").read_text())
     assert set(report["conditions"]) == {"model"}
 

@@ -14,6 +14,7 @@ from PIL import Image
 from mtflow.data.records import EditChain
 from mtflow.models.kontext import KontextPolicy
 from mtflow.rollout import RolloutConfig, rollout
+from mtflow.sampling import SDEConfig
 
 RES = 32
 
@@ -49,7 +50,7 @@ def test_noise_free_rollout_turn1_equals_the_diffusers_pipeline(
     policy = _policy(tiny_kontext_path, guidance_scale=guidance)
     source = _image(seed)
     chain = EditChain("c", source, ["change the color of the red circle to blue", "remove the square"])
-    config = RolloutConfig(group_size=1, num_steps=num_steps, noise_level=0.0, stochastic="none")
+    config = RolloutConfig(group_size=1, num_steps=num_steps)  # no SDEConfig: deterministic
     result = rollout(policy, [chain], config, generator=torch.Generator().manual_seed(seed))
     call = dict(
         image=source,
@@ -166,8 +167,8 @@ def test_each_instruction_is_encoded_once_per_call(tiny_kontext_path):
         EditChain("a", _image(0), ["make it red", "add a circle", "make it red"]),
         EditChain("b", _image(1), ["add a circle", "remove the square", "make it red"]),
     ]
-    config = RolloutConfig(group_size=3, num_steps=2, noise_level=0.9, stochastic="all")
-    result = rollout(policy, chains, config, generator=torch.Generator().manual_seed(0))
+    config = RolloutConfig(group_size=3, num_steps=2)
+    result = rollout(policy, chains, config, generator=torch.Generator().manual_seed(0), sde=SDEConfig())
     handle.remove()
     assert seen == [
         3

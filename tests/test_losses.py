@@ -16,7 +16,6 @@ from mtflow.losses import (
     grpo_loss,
     nft_loss,
     old_adapter_decay,
-    sampling_adapter,
     soft_update_,
 )
 
@@ -411,12 +410,12 @@ def test_nft_toy_rl_loop_with_old_policy_soft_update_reaches_the_rewarded_region
 # -------------------------------------------------------------------------------------- parameter averaging
 
 
-def test_sampling_adapter_matches_the_trainer_adapters():
-    from mtflow.training.module import OLD, TRAINED
+def test_each_algorithm_samples_with_its_adapter_and_keeps_the_ones_it_needs():
+    from mtflow.algorithms import GRPO, NFT
+    from mtflow.models.base import OLD_ADAPTER, TRAINED_ADAPTER
 
-    assert sampling_adapter("grpo") == TRAINED and sampling_adapter("nft") == OLD
-    with pytest.raises(ValueError, match="grpo"):
-        sampling_adapter("ppo")
+    assert GRPO().sampling_adapter == TRAINED_ADAPTER and GRPO().extra_adapters == ()  # on-policy
+    assert NFT().sampling_adapter == OLD_ADAPTER and NFT().extra_adapters == (OLD_ADAPTER,)
 
 
 def test_old_adapter_decay_schedule():

@@ -10,6 +10,9 @@ from PIL import Image
 from mtflow.data.records import EditChain
 from mtflow.models.kontext import KontextPolicy
 from mtflow.rollout import RolloutConfig, recompute_transition, rollout, transition_batches
+from mtflow.sampling import SDEConfig
+
+SDE = SDEConfig(noise_level=0.9, stochastic="all")
 
 RES = 32
 
@@ -43,8 +46,8 @@ def _chains(num: int, turns: int = 3) -> list[EditChain]:
 
 
 def test_shapes_and_layout(policy):
-    config = RolloutConfig(group_size=3, num_steps=3, noise_level=0.9, stochastic="all", forward_batch_size=4)
-    result = rollout(policy, _chains(2), config, generator=torch.Generator().manual_seed(0))
+    config = RolloutConfig(group_size=3, num_steps=3, forward_batch_size=4)
+    result = rollout(policy, _chains(2), config, generator=torch.Generator().manual_seed(0), sde=SDE)
     n, k, s, length, c = 6, 3, 3, policy.image_seq_len, 16
     assert result.images.shape == (n, k, 3, RES, RES) and result.images.dtype == torch.uint8
     assert result.source_images.shape == (2, 3, RES, RES)
@@ -66,8 +69,8 @@ def test_shapes_and_layout(policy):
 
 
 def test_turn_k_plus_1_edits_its_own_trajectory_output(policy):
-    config = RolloutConfig(group_size=2, num_steps=2, noise_level=0.9, stochastic="all")
-    result = rollout(policy, _chains(2), config, generator=torch.Generator().manual_seed(1))
+    config = RolloutConfig(group_size=2, num_steps=2)
+    result = rollout(policy, _chains(2), config, generator=torch.Generator().manual_seed(1), sde=SDE)
     for n in range(result.num_trajectories):
         for k in range(result.num_turns - 1):
             own = policy.encode_reference(policy.uint8_to_pixels(result.images[n : n + 1, k]))
@@ -90,8 +93,9 @@ def test_chaining_through_latents_conditions_on_the_previous_final_latent(policy
         mode: rollout(
             policy,
             _chains(2),
-            RolloutConfig(group_size=2, num_steps=2, noise_level=0.9, stochastic="all", chain_through=mode),
+            RolloutConfig(group_size=2, num_steps=2, chain_through=mode),
             generator=torch.Generator().manual_seed(4),
+            sde=SDE,
         )
         for mode in ("pixels", "latents")
     }
@@ -110,8 +114,8 @@ def test_chaining_through_latents_conditions_on_the_previous_final_latent(policy
 
 
 def test_recomputed_log_probs_give_ratio_exactly_one(policy):
-    config = RolloutConfig(group_size=3, num_steps=3, noise_level=0.9, stochastic="all", forward_batch_size=4)
-    result = rollout(policy, _chains(2), config, generator=torch.Generator().manual_seed(2))
+    config = RolloutConfig(group_size=3, num_steps=3, forward_batch_size=4)
+    result = rollout(policy, _chains(2), config, generator=torch.Generator().manual_seed(2), sde=SDE)
     batches = transition_batches(result, config.forward_batch_size)
     assert len(batches) == 3 * 3 * 2  # turns x steps x slices of 6 trajectories by 4
     for batch in batches:
@@ -122,10 +126,8 @@ def test_recomputed_log_probs_give_ratio_exactly_one(policy):
 
 
 def test_bf16_storage_still_recomputes_exactly(policy):
-    config = RolloutConfig(
-        group_size=2, num_steps=2, noise_level=0.9, stochastic="all", store_dtype="bfloat16"
-    )
-    result = rollout(policy, _chains(1, turns=2), config, generator=torch.Generator().manual_seed(3))
+    config = RolloutConfig(group_size=2, num_steps=2, store_dtype="bfloat16")
+    result = rollout(policy, _chains(1, turns=2), config, generator=torch.Generator().manual_seed(3), sde=SDE)
     assert result.states.dtype == torch.bfloat16
     for batch in transition_batches(result, config.forward_batch_size):
         log_prob, *_ = recompute_transition(policy, result, batch)
@@ -133,14 +135,17 @@ def test_bf16_storage_still_recomputes_exactly(policy):
 
 
 def test_window_and_deterministic_modes(policy):
-    window = RolloutConfig(group_size=2, num_steps=4, noise_level=0.9, stochastic="window", window_size=2)
-    result = rollout(policy, _chains(1, turns=2), window, generator=torch.Generator().manual_seed(4))
+    config = RolloutConfig(group_size=2, num_steps=4)
+    window = SDEConfig(noise_level=0.9, stochastic="window", window_size=2)
+    result = rollout(
+        policy, _chains(1, turns=2), config, generator=torch.Generator().manual_seed(4), sde=window
+    )
     steps = result.step_indices.tolist()
     assert len(steps) == 2 and steps[1] == steps[0] + 1
     assert result.states.shape[2] == 2
     # Two trajectories that share everything up to the window start are identical there: steps before the window
     # are deterministic, so both trajectories start the window from their own noise but with ODE steps only.
-    none = RolloutConfig(group_size=2, num_steps=3, stochastic="none")
+    none = RolloutConfig(group_size=2, num_steps=3)  # no SDEConfig: deterministic
     det = rollout(policy, _chains(1, turns=2), none, generator=torch.Generator().manual_seed(5))
     assert det.states.shape[2] == 0 and det.log_probs.shape == (2, 2, 0) and det.noise_level == 0.0
     again = rollout(policy, _chains(1, turns=2), none, generator=torch.Generator().manual_seed(5))
@@ -148,11 +153,13 @@ def test_window_and_deterministic_modes(policy):
 
 
 def test_same_seed_same_rollout_and_adapter_matters(policy):
-    config = RolloutConfig(group_size=2, num_steps=2, noise_level=0.9)
-    a = rollout(policy, _chains(1), config, generator=torch.Generator().manual_seed(6))
-    b = rollout(policy, _chains(1), config, generator=torch.Generator().manual_seed(6))
+    config = RolloutConfig(group_size=2, num_steps=2)
+    a = rollout(policy, _chains(1), config, generator=torch.Generator().manual_seed(6), sde=SDE)
+    b = rollout(policy, _chains(1), config, generator=torch.Generator().manual_seed(6), sde=SDE)
     assert torch.equal(a.images, b.images) and torch.equal(a.log_probs, b.log_probs)
-    base = rollout(policy, _chains(1), config, generator=torch.Generator().manual_seed(6), adapter=None)
+    base = rollout(
+        policy, _chains(1), config, generator=torch.Generator().manual_seed(6), adapter=None, sde=SDE
+    )
     assert not torch.equal(a.final_latents, base.final_latents)
 
 
@@ -162,10 +169,6 @@ def test_same_seed_same_rollout_and_adapter_matters(policy):
         ("group_size", 0),
         ("num_steps", 0),
         ("forward_batch_size", 0),
-        ("window_size", 0),
-        ("noise_level", -0.5),
-        ("noise_level", float("nan")),
-        ("stochastic", "some"),
         ("store_dtype", "float16"),
         ("kernels", "cuda"),
         ("chain_through", "latent"),
@@ -176,11 +179,37 @@ def test_rollout_config_refuses_a_bad_knob_when_built(knob, value):
         RolloutConfig(**{knob: value})
 
 
-def test_rollout_config_checks_the_window_against_the_steps():
-    with pytest.raises(ValueError, match=r"window_size \(5\) exceeds num_steps \(4\)"):
-        RolloutConfig(num_steps=4, stochastic="window", window_size=5)
-    RolloutConfig(num_steps=4, stochastic="window", window_size=4)  # the whole trajectory is a valid window
-    RolloutConfig(num_steps=4, stochastic="all", window_size=5)  # the window is unused outside window mode
+@pytest.mark.parametrize(
+    ("knob", "value"),
+    [
+        ("window_size", 0),
+        ("noise_level", 0.0),
+        ("noise_level", -0.5),
+        ("noise_level", float("nan")),
+        ("stochastic", "none"),
+    ],
+)
+def test_sde_config_refuses_a_bad_knob_when_built(knob, value):
+    with pytest.raises(ValueError, match=f"SDEConfig.{knob}"):
+        SDEConfig(**{knob: value})
+
+
+def test_rollout_checks_the_sde_window_against_the_steps(policy):
+    with pytest.raises(ValueError, match=r"SDE window \(5 steps\) exceeds a turn's num_steps \(4\)"):
+        RolloutConfig(num_steps=4).check_sde(SDEConfig(stochastic="window", window_size=5))
+    with pytest.raises(ValueError, match="exceeds"):  # the rollout itself refuses it too
+        rollout(
+            policy,
+            _chains(1),
+            RolloutConfig(group_size=1, num_steps=4),
+            sde=SDEConfig(stochastic="window", window_size=5),
+        )
+    RolloutConfig(num_steps=4).check_sde(
+        SDEConfig(stochastic="window", window_size=4)
+    )  # the whole turn is a window
+    RolloutConfig(num_steps=4).check_sde(
+        SDEConfig(stochastic="all", window_size=5)
+    )  # unused outside window mode
 
 
 def test_bad_batches_are_refused(policy):

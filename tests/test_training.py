@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from mtflow.cli import main
 from mtflow.models.kontext import KontextPolicy
-from mtflow.testing.fixtures import tiny_fit_config, write_config, write_random_manifest
+from mtflow.testing.fixtures import algorithm, tiny_fit_config, write_config, write_random_manifest
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,9 @@ def _base(cli) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("loss", ["grpo", "nft"])
 def test_fit_updates_only_lora_and_logs_documented_metrics(tiny_kontext_path, manifest, tmp_path, loss):
-    model = {"loss": loss}
+    model = {"algorithm": algorithm("GRPO")}
     if loss == "nft":
-        model.update({"nft_train_timesteps": 2, "ema_decay": 0.5})
+        model = {"algorithm": algorithm("NFT", train_timesteps=2), "ema_decay": 0.5}
     config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model=model, name=loss)
     reference = KontextPolicy(str(tiny_kontext_path), dtype="float32", resolution=32, lora_rank=4).load()
     base_before = {k: v.clone() for k, v in reference.transformer.named_parameters() if "lora_" not in k}
@@ -102,7 +102,11 @@ def test_fit_updates_only_lora_and_logs_documented_metrics(tiny_kontext_path, ma
 @pytest.mark.parametrize("loss", ["grpo", "nft"])
 def test_resume_reproduces_an_uninterrupted_run_exactly(tiny_kontext_path, manifest, tmp_path, loss):
     # NFT also carries the old adapter and the EMA adapter through the checkpoint
-    extra = {"loss": loss} if loss == "grpo" else {"loss": loss, "ema_decay": 0.5, "nft_train_timesteps": 2}
+    extra = (
+        {"algorithm": algorithm("GRPO")}
+        if loss == "grpo"
+        else {"algorithm": algorithm("NFT", train_timesteps=2), "ema_decay": 0.5}
+    )
 
     def config(name: str, iterations: int) -> dict:
         return tiny_fit_config(
@@ -181,10 +185,7 @@ def test_dead_judge_stops_training_with_a_clear_error_and_keeps_the_checkpoint(
 
 def test_non_finite_updates_are_skipped_then_abort(tiny_kontext_path, manifest, tmp_path):
     model = {
-        "lr": 1e30,
-        "max_grad_norm": 0.0,
-        "max_nonfinite_skips": 2,
-        "updates_per_rollout": 1,
+        "optim": {"lr": 1e30, "max_grad_norm": 0.0, "max_nonfinite_skips": 2, "updates_per_rollout": 1},
         "max_iterations": 8,
     }
     config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model=model, name="nan")
@@ -199,7 +200,9 @@ def test_export_round_trip_into_a_stock_pipeline(tiny_kontext_path, manifest, tm
     from mtflow.data.records import EditChain
     from mtflow.rollout import RolloutConfig, rollout
 
-    config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, model={"lr": 0.05}, name="export")
+    config = tiny_fit_config(
+        tiny_kontext_path, manifest, tmp_path, model={"optim": {"lr": 0.05}}, name="export"
+    )
     cli = _fit(config, tmp_path)
     ckpt = tmp_path / "export" / "version_0" / "checkpoints" / "last.ckpt"
     config_path = tmp_path / "export.yaml"
@@ -229,7 +232,7 @@ def test_export_round_trip_into_a_stock_pipeline(tiny_kontext_path, manifest, tm
     ours = rollout(
         policy,
         [chain],
-        RolloutConfig(group_size=1, num_steps=3, stochastic="none"),
+        RolloutConfig(group_size=1, num_steps=3),
         generator=torch.Generator().manual_seed(0),
     )
     pipe = FluxKontextPipeline.from_pretrained(tiny_kontext_path, dtype=torch.float32)
@@ -295,9 +298,13 @@ def test_resuming_with_other_lora_settings_or_adapters_is_refused_in_one_message
     with pytest.raises(ValueError, match=rf"LoRA rank {rank} in the checkpoint, {rank * 2} in this run"):
         _fit(other, tmp_path, "--ckpt_path", ckpt)
     nft = tiny_fit_config(
-        tiny_kontext_path, manifest, tmp_path, model={"max_iterations": 2, "loss": "nft"}, name="nft"
+        tiny_kontext_path,
+        manifest,
+        tmp_path,
+        model={"max_iterations": 2, "algorithm": algorithm("NFT")},
+        name="nft",
     )
-    with pytest.raises(ValueError, match=r"this run \(nft\) also needs \['old'\]"):
+    with pytest.raises(ValueError, match=r"this run \(NFT\) also needs \['old'\]"):
         _fit(nft, tmp_path, "--ckpt_path", ckpt)
 
 
@@ -306,7 +313,7 @@ def test_seed_everything_alone_seeds_the_rollouts_and_the_data_order(tiny_kontex
     # rollout noise and the training order and differed only in the LoRA initialisation.
     config = tiny_fit_config(tiny_kontext_path, manifest, tmp_path, name="seeded")
     cli = _fit(config, tmp_path, "--seed_everything=5", "--model.max_iterations=1")
-    assert cli.model.hparams.seed == 5
+    assert cli.model.seed == 5 and cli.model.hparams.seed == 5
     assert cli.datamodule.seed == 5
     checkpoint = torch.load(
         next((tmp_path / "seeded" / "version_0" / "checkpoints").glob("*.ckpt")), weights_only=False
@@ -333,11 +340,14 @@ def test_grpo_ema_adapter_follows_its_recurrence_and_is_what_gets_evaluated(
     decay * EMA + (1 - decay) * trained, rollouts still sample the trained adapter, and evaluation uses the EMA."""
     decay = 0.5
     config = tiny_fit_config(
-        tiny_kontext_path, manifest, tmp_path, model={"loss": "grpo", "ema_decay": decay, "max_iterations": 3}
+        tiny_kontext_path,
+        manifest,
+        tmp_path,
+        model={"algorithm": algorithm("GRPO"), "ema_decay": decay, "max_iterations": 3},
     )
     config["checkpoint"] = {"every_n_iterations": 1, "keep_every": True}
     cli = _fit(config, tmp_path)
-    assert cli.model.sampling_adapter == "default" and cli.model.eval_adapter == "ema"
+    assert cli.model.algorithm.sampling_adapter == "default" and cli.model.eval_adapter == "ema"
     folder = tmp_path / "run" / "version_0" / "checkpoints"
     states = [
         torch.load(folder / f"iter_{n:06d}.ckpt", map_location="cpu", weights_only=True)["state_dict"]

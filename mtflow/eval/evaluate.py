@@ -28,15 +28,45 @@ from mtflow.rollout import Rollout, RolloutConfig, rollout, uint8_to_pil
 CONDITIONS = ("model", "base", "merged")
 
 
-def merged_chain(chain: EditChain) -> EditChain:
-    """One-turn chain whose instruction is the K instructions in order ("A. Then B. Then C.")."""
+@dataclass(frozen=True)
+class EvalConfig:
+    """Deterministic held-out evaluation (``mtflow validate`` / ``test`` and the held-out table of ``fit``).
+
+    Attributes:
+        threshold: IF score that counts as a successful turn.
+        num_steps: sampler steps of evaluation rollouts (None: the rollout's ``num_steps``).
+        conditions: what ``mtflow test`` evaluates: any of "model", "base" (adapters disabled) and "merged" (all K
+            instructions as one edit); None: all three.
+        bootstrap: bootstrap resamples for the confidence intervals of ``mtflow test``.
+    """
+
+    threshold: float = 4.0
+    num_steps: int | None = None
+    conditions: list[str] | None = None
+    bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ValueError(
+                f"EvalConfig.num_steps must be >= 1 (or None for the rollout's), got {self.num_steps}"
+            )
+        unknown = [c for c in self.conditions or () if c not in CONDITIONS]
+        if unknown:
+            raise ValueError(f"EvalConfig.conditions: unknown {unknown}; expected any of {CONDITIONS}")
+        if self.bootstrap < 0:
+            raise ValueError(f"EvalConfig.bootstrap must be >= 0, got {self.bootstrap}")
+
+
+def merged_chain(chain: EditChain, scorer: Scorer | None = None) -> EditChain:
+    """One-turn chain whose instruction is the K instructions in order ("A. Then B. Then C."). A judge that reads
+    ground truth from the chain's metadata (the toy world's exact judge) provides ``merged_metadata(metadata,
+    instruction)`` to turn it into the merged edit's; other judges see the metadata unchanged."""
     parts = [text.strip().rstrip(".") for text in chain.instructions]
     instruction = ". Then ".join(parts) + "."
     metadata = dict(chain.metadata)
-    if "toy" in metadata:  # the toy judge needs the collapsed ground truth (source -> final scene)
-        from mtflow.toy.judge import collapse_to_single_turn
-
-        metadata = collapse_to_single_turn(metadata, instruction)
+    merge = getattr(scorer, "merged_metadata", None)
+    if merge is not None:
+        metadata = merge(metadata, instruction)
     return EditChain(f"{chain.chain_id}", chain.source, [instruction], None, metadata)
 
 
@@ -138,14 +168,10 @@ def rollout_and_score(
     if condition not in CONDITIONS:
         raise ValueError(f"unknown evaluation condition {condition!r}; expected one of {CONDITIONS}")
     if condition == "merged":
-        chains = [merged_chain(c) for c in chains]
+        chains = [merged_chain(c, scorer) for c in chains]
     config = RolloutConfig(
-        group_size=1,
-        num_steps=num_steps,
-        stochastic="none",
-        forward_batch_size=forward_batch_size,
-        chain_through=chain_through,
-    )
+        group_size=1, num_steps=num_steps, forward_batch_size=forward_batch_size, chain_through=chain_through
+    )  # no SDEConfig: deterministic
     if noise_from is None:
         generators = eval_generators(chains, seed, policy.device)
     else:  # a length mismatch is refused by rollout (one generator per chain)

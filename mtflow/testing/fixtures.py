@@ -105,10 +105,31 @@ def tiny_fit_config(
     config["checkpoint"] = {"every_n_iterations": 1}
     for key, extra in (("model", model), ("trainer", trainer)):
         if extra:
-            config[key].update(extra)
+            deep_update(config[key], extra)
     if data:
         config["data"]["init_args"].update(data)
     return config
+
+
+def deep_update(config: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``config`` in place, group by group (``{"optim": {"lr": 0.05}}`` keeps the other optim
+    keys); a ``class_path`` that changes replaces the whole entry, as LightningCLI does."""
+    for key, value in update.items():
+        old = config.get(key)
+        same_class = not isinstance(value, dict) or value.get("class_path") in (
+            None,
+            (old or {}).get("class_path"),
+        )
+        if isinstance(value, dict) and isinstance(old, dict) and same_class:
+            deep_update(old, value)
+        else:
+            config[key] = value
+    return config
+
+
+def algorithm(name: str, **init_args: Any) -> dict[str, Any]:
+    """A ``model.algorithm`` entry, e.g. ``algorithm("NFT", train_timesteps=2)``."""
+    return {"class_path": f"mtflow.algorithms.{name}", "init_args": init_args}
 
 
 def write_config(config: dict[str, Any], path: str | Path) -> Path:

@@ -366,6 +366,12 @@ class ToyJudge:
         self._maps: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
         self._tables: dict[bytes, np.ndarray] = {}
 
+    @staticmethod
+    def merged_metadata(metadata: dict[str, Any], instruction: str) -> dict[str, Any]:
+        """The evaluation's single-turn-merged baseline delivers a chain's K instructions as one edit; this judge
+        then needs the collapsed ground truth (source -> final scene). Other metadata passes unchanged."""
+        return collapse_to_single_turn(metadata, instruction) if "toy" in metadata else metadata
+
     # ----- ground truth rendering (cached) -----
     def _spec(self, render: dict[str, Any]) -> tuple[str, RenderSpec]:
         key = json.dumps(render, sort_keys=True)

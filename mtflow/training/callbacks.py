@@ -195,11 +195,11 @@ class HeldOutEvaluation(L.Callback):
             chains,
             conditions=["model"],
             model_adapter=pl_module.eval_adapter,
-            num_steps=pl_module.hparams.eval_num_steps or pl_module.num_steps,
+            num_steps=pl_module.eval_num_steps,
             batch_size=self.batch_size,
             forward_batch_size=pl_module.rollout_config.forward_batch_size,
-            seed=pl_module.hparams.seed,
-            threshold=pl_module.hparams.eval_threshold,
+            seed=pl_module.seed,
+            threshold=pl_module.eval_config.threshold,
             num_bootstrap=200,
             # a bar on rank 0 only, and only when the run shows one (enable_progress_bar=false stays quiet)
             progress=label if trainer.is_global_zero and trainer.progress_bar_callback is not None else None,
@@ -260,7 +260,7 @@ class IterationProgressBar(RichProgressBar):
     def _iterations_left_in_epoch(self) -> int | float:
         batches = super().total_train_batches
         module = self.trainer.lightning_module
-        limit = getattr(module, "hparams", {}).get("max_iterations")
+        limit = getattr(module, "max_iterations", None)
         if limit is None or not hasattr(module, "iteration"):
             return batches
         done_in_epoch = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready

@@ -13,14 +13,15 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from mtflow.models.kontext import KontextPolicy
+from mtflow.models.base import EditPolicy
 
 
-def shard_policy(policy: KontextPolicy, device_mesh) -> None:
-    """``fully_shard`` every transformer block, then the transformer (FSDP2), over the data-parallel mesh.
+def shard_policy(policy: EditPolicy, device_mesh) -> None:
+    """``fully_shard`` each of the policy's ``fsdp_units()`` in order (innermost first: blocks, then their root),
+    FSDP2 over the data-parallel mesh.
 
     A frozen bf16 base and fp32 LoRA share each unit; the unit's mixed-precision policy computes in the base dtype
-    and reduces gradients in float32. Text encoders and the VAE stay replicated (they run without gradients).
+    and reduces gradients in float32. What the policy does not list (text encoders, VAE) stays replicated.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -30,10 +31,8 @@ def shard_policy(policy: KontextPolicy, device_mesh) -> None:
     kwargs: dict[str, Any] = {"mesh": mesh}
     if policy.model_dtype != torch.float32:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=policy.model_dtype, reduce_dtype=torch.float32)
-    transformer = policy.transformer
-    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-        fully_shard(block, **kwargs)
-    fully_shard(transformer, **kwargs)
+    for unit in policy.fsdp_units():
+        fully_shard(unit, **kwargs)
 
 
 class LoRAModelParallelStrategy(ModelParallelStrategy):

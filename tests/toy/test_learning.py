@@ -9,7 +9,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mtflow.cli import DEFAULT_FIT_CONFIG, main
 from mtflow.data.loader import ChainBatches
@@ -50,26 +49,30 @@ def test_data_module_serves_train_and_held_out_chains_that_share_no_source():
         ToyDataModule(num_train_chains=0)
 
 
-@pytest.mark.parametrize("name", ["toy.yaml", "toy_nft.yaml"])
-def test_toy_configs_describe_rl_from_the_shipped_prior_with_the_exact_judge(name):
-    config = yaml.safe_load((CONFIGS / name).read_text())
+JOBS = {"grpo": ("toy.yaml",), "nft": ("toy.yaml", "toy_nft.yaml")}
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_toy_configs_describe_rl_from_the_shipped_prior_with_the_exact_judge(job, capsys):
+    config = printed_fit_config(capsys, *JOBS[job])
     assert config["model"]["policy"]["init_args"]["pretrained"] == "mtflow-assets:toy/prior"
     assert config["model"]["scorer"]["class_path"] == "mtflow.toy.judge.ToyJudge"
     assert config["data"]["class_path"] == "mtflow.toy.module.ToyDataModule"
-    assert config["model"]["loss"] == ("grpo" if name == "toy.yaml" else "nft")
+    assert config["model"]["algorithm"]["class_path"] == f"mtflow.algorithms.{job.upper()}"
     assert DEFAULT_FIT_CONFIG.name == "toy.yaml"  # what `mtflow fit` without --config runs
 
 
-@pytest.mark.parametrize("base", ["toy.yaml", "toy_nft.yaml"])
-def test_drift_overlay_pairs_the_drift_prior_with_the_world_it_was_trained_on(base, capsys):
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_drift_overlay_pairs_the_drift_prior_with_the_world_it_was_trained_on(job, capsys):
     """configs/toy_drift.yaml stacked on either job: the resolved config passes LightningCLI's validation and its
     data world is exactly the drift prior's recorded world (a held-out table on another world would mean nothing)."""
     from mtflow.toy.prior import prior_world
 
-    printed = printed_fit_config(capsys, base, "toy_drift.yaml")
+    printed = printed_fit_config(capsys, *JOBS[job], "toy_drift.yaml")
     pretrained = printed["model"]["policy"]["init_args"]["pretrained"]
     assert pretrained == "mtflow-assets:toy/prior_drift"
-    assert printed["model"]["loss"] == ("grpo" if base == "toy.yaml" else "nft")  # the overlay keeps the job
+    algorithm = printed["model"]["algorithm"]["class_path"]
+    assert algorithm == f"mtflow.algorithms.{job.upper()}"  # the overlay keeps the job
     world = printed["data"]["init_args"]["world"]["init_args"]
     assert vars(ToyWorld(**world)) == vars(prior_world(pretrained))
 
@@ -103,9 +106,9 @@ def _learning_run(tmp_path: Path, name: str) -> list[float]:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         f"--model.max_iterations={LEARNING_RUN['iterations']}",
-        "--model.group_size=8",
-        "--model.num_steps=4",
-        "--model.stochastic=all",
+        "--model.rollout.group_size=8",
+        "--model.rollout.num_steps=4",
+        "--model.algorithm.stochastic=all",
         "--model.seed=0",
         "--data.init_args.num_train_chains=2",
         "--data.init_args.batch_size=2",
