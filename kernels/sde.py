@@ -1,4 +1,4 @@
-"""Fused SDE step and transition log-prob (DESIGN.md section 3), with ``mtflow.sampling`` as the reference.
+"""Fused SDE step and transition log-prob (docs/design.md section 3), with ``mtflow.sampling`` as the reference.
 
 One pass over the latents produces mu, x' and the per-sample sum of (x' - mu)^2 that log p needs, instead of
 the half-dozen elementwise passes (and float32 temporaries) the torch reference makes. ``transition_log_prob``

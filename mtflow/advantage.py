@@ -1,4 +1,4 @@
-"""From per-turn judge scores to per-sample advantages (DESIGN.md section 4).
+"""From per-turn judge scores to per-sample advantages (docs/design.md section 4).
 
 Input: IF and CC scores of shape [B, G, K] (B groups = edit chains, G trajectories per group, K turns) on the
 judge scale [1, 5], with a ``scored`` mask. Output: advantages [B, G, K] and the mask of samples that get a
@@ -54,7 +54,7 @@ Aggregation = Literal["mean", "min", "last", "product"]
 
 @dataclass(frozen=True)
 class AdvantageConfig:
-    """How judge scores become advantages (DESIGN.md section 4).
+    """How judge scores become advantages (docs/design.md section 4).
 
     Attributes:
         aggregation: how a trajectory's K per-turn scores become one reward (trajectory broadcast only).

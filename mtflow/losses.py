@@ -1,4 +1,4 @@
-"""The GRPO and NFT losses and the parameter-averaging rules (DESIGN.md sections 5-6).
+"""The GRPO and NFT losses and the parameter-averaging rules (docs/design.md sections 5-6).
 
 Every loss takes M samples (one per trained transition for GRPO, one per noised clean output for NFT) with an
 optional per-sample ``weight`` [M] >= 0. The loss is the weighted mean sum(w * l) / sum(w); a weight of 0
@@ -65,7 +65,7 @@ def _mask_rows(value: Tensor, include: Tensor, fill: float = 0.0) -> Tensor:
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """Flow-GRPO's clipped-ratio objective (DESIGN.md section 5).
+    """Flow-GRPO's clipped-ratio objective (docs/design.md section 5).
 
     Attributes:
         clip_eps: the ratio is clipped to [1 - clip_eps, 1 + clip_eps] (Flow-GRPO 1e-4; window mode 1e-5).
@@ -86,7 +86,7 @@ def gaussian_mean_kl(mean: Tensor, ref_mean: Tensor, std: Tensor | float) -> Ten
     """KL between two Gaussian transitions with the same isotropic std, averaged like the log-prob.
 
     KL(N(mean, std^2 I) || N(ref_mean, std^2 I)) per element is (mean - ref_mean)^2 / (2 std^2); it is averaged
-    over the non-batch dims, the same reduction ``log p`` gets (DESIGN.md section 3), so the two terms of the
+    over the non-batch dims, the same reduction ``log p`` gets (docs/design.md section 3), so the two terms of the
     GRPO loss are on one scale. Unlike Flow-GRPO, ``std`` includes the sqrt(Delta) factor.
 
     Args:
@@ -236,7 +236,7 @@ def grpo_loss(
 
 @dataclass(frozen=True)
 class NFTConfig:
-    """DiffusionNFT's negative-aware objective (DESIGN.md section 6).
+    """DiffusionNFT's negative-aware objective (docs/design.md section 6).
 
     Attributes:
         beta: how far the implicit positive/negative policies sit from the old one (1; 0.1 for multi-reward runs).
@@ -441,7 +441,7 @@ def old_adapter_decay(iteration: int, rate: float = 0.001, max_decay: float = 0.
 
     DiffusionNFT's ``return_decay`` (decay_type 1): the old policy starts as a copy that tracks the trained one
     exactly (eta = 0) and becomes smoother as training goes on. Their script passes its optimiser-step counter;
-    DESIGN.md section 6 uses the RL iteration.
+    docs/design.md section 6 uses the RL iteration.
     """
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
@@ -481,7 +481,7 @@ def soft_update_(target: Sequence[Tensor], source: Sequence[Tensor], decay: floa
 
 
 def ema_update_(ema: Sequence[Tensor], params: Sequence[Tensor], decay: float = 0.9) -> None:
-    """ema <- decay * ema + (1 - decay) * params, in place (the evaluation/export EMA, DESIGN.md section 6).
+    """ema <- decay * ema + (1 - decay) * params, in place (the evaluation/export EMA, docs/design.md section 6).
 
     Args:
         ema: the EMA tensors, updated in place.

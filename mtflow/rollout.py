@@ -2,7 +2,7 @@
 
 Trajectories are laid out flat, ``n = b * G + g`` (chain b, member g); every tensor below uses that order. Each
 turn's output is decoded to uint8 pixels and re-encoded as the next turn's reference, as at inference time
-(DESIGN.md section 2: exposure bias lives in that round trip). All N trajectories of a turn advance together,
+(docs/design.md section 2: exposure bias lives in that round trip). All N trajectories of a turn advance together,
 ``forward_batch_size`` samples per transformer call.
 """
 

@@ -1,6 +1,6 @@
 """Samplers for rectified-flow editors: the timestep grid, the Euler (ODE) step and Flow-GRPO's SDE step.
 
-Notation (DESIGN.md sections 2-3): sigma in [0, 1], sigma = 1 is noise, x_sigma = (1 - sigma) x0 + sigma eps, the model
+Notation (docs/design.md sections 2-3): sigma in [0, 1], sigma = 1 is noise, x_sigma = (1 - sigma) x0 + sigma eps, the model
 predicts v = eps - x0. A grid 1 = s_0 > s_1 > ... > s_T = 0; step i goes from s = s_i to s' = s_{i+1},
 Delta = s - s' > 0.
 

@@ -1,5 +1,6 @@
 """Benchmark the default job: held-out per-turn cumulative success C_k and overall O_k of the toy prior and after
-RL (GRPO: ``configs/toy.yaml``, NFT: ``configs/toy_nft.yaml``), mean and spread over seeds, with wall clock.
+RL (GRPO: ``configs/toy.yaml``, NFT: ``configs/toy.yaml`` + ``configs/toy_nft.yaml``), mean and spread over seeds,
+with wall clock.
 
     python tools/bench_toy.py                         # 3 seeds x {grpo, nft}, runs under /tmp/mtflow_bench_toy
     python tools/bench_toy.py --seeds 0 --losses grpo --extra=--model.max_iterations=5
@@ -30,12 +31,16 @@ from typing import Any
 from mtflow.toy.prior import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"grpo": REPO / "configs" / "toy.yaml", "nft": REPO / "configs" / "toy_nft.yaml"}
+# each job's config files, stacked in order (NFT is an overlay on the default GRPO job)
+CONFIGS = {
+    "grpo": [REPO / "configs" / "toy.yaml"],
+    "nft": [REPO / "configs" / "toy.yaml", REPO / "configs" / "toy_nft.yaml"],
+}
 TARGET_POINTS = 10.0  # the issue's goal: turn-3 cumulative success at least this many points above the prior
 
 
 def run_fit(
-    config: Path,
+    configs: list[Path],
     root: Path,
     name: str,
     seed: int,
@@ -45,7 +50,7 @@ def run_fit(
     overlays: list[Path] | None = None,
 ) -> dict[str, Any]:
     """One ``mtflow fit`` in a subprocess; returns the run folder, wall clock and its before/after report.
-    ``overlays`` are config files stacked on ``config`` (e.g. ``configs/toy_drift.yaml``). With ``reuse``, a run
+    ``overlays`` are config files stacked on ``configs`` (e.g. ``configs/toy_drift.yaml``). With ``reuse``, a run
     whose report and wall clock are already on disk is read back instead of run again."""
     run = root / name / "version_0"
     report_path, wall_path = run / "eval" / "before_after.json", root / f"{name}.wall_clock_s"
@@ -59,9 +64,7 @@ def run_fit(
         "-c",
         code,
         "fit",
-        "--config",
-        str(config),
-        *[argument for overlay in overlays or [] for argument in ("--config", str(overlay))],
+        *[argument for config in [*configs, *(overlays or [])] for argument in ("--config", str(config))],
         f"--seed_everything={seed}",
         f"--trainer.logger.init_args.save_dir={root}",
         f"--trainer.logger.init_args.name={name}",

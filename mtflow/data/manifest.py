@@ -1,4 +1,4 @@
-"""JSONL edit-chain manifests (DESIGN.md section 9): validation up front, then a map-style dataset of ``EditChain``.
+"""JSONL edit-chain manifests (docs/design.md section 9): validation up front, then a map-style dataset of ``EditChain``.
 
 One chain per line::
 

@@ -73,7 +73,7 @@ class ChainDataModule(L.LightningDataModule):
 
 
 class ManifestDataModule(ChainDataModule):
-    """Chains from JSONL manifests (DESIGN.md section 9), validated in full before training starts."""
+    """Chains from JSONL manifests (docs/design.md section 9), validated in full before training starts."""
 
     def __init__(
         self,

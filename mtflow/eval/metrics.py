@@ -1,4 +1,4 @@
-"""EdiVal-style per-turn evaluation metrics (DESIGN.md section 7) from judge scores, with bootstrap CIs.
+"""EdiVal-style per-turn evaluation metrics (docs/design.md section 7) from judge scores, with bootstrap CIs.
 
 Inputs are the judge's IF and CC on the 1-5 scale (``mtflow.reward.base``) for N chains and K turns, and the
 ``scored`` mask. Units (fixed here, used by every report):

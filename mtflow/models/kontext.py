@@ -8,7 +8,7 @@ Where diffusers already implements a step of ``FluxKontextPipeline`` (prompt enc
 ids, pre/post-processing), this module calls the pipeline's own method, so that a rollout at noise level 0
 reproduces the pipeline's output; ``tests/test_kontext_policy.py`` proves it.
 
-Three policies share one transformer (DESIGN.md section 2): the trained LoRA adapter ``"default"``, optional extra
+Three policies share one transformer (docs/design.md section 2): the trained LoRA adapter ``"default"``, optional extra
 adapters (``"old"`` for NFT sampling, ``"ema"`` for evaluation/export) and the frozen base (adapters disabled) as the
 KL reference. Switching adapters never changes which parameters are trainable (peft's own ``set_adapter`` would).
 """

@@ -3,7 +3,7 @@
 A *scoring item* is one trajectory of one edit chain: the source image, its K edited outputs and the K
 instructions. A scorer returns, for N items and K turns, IF and CC on the 1-5 judge scale, a ``scored`` mask and
 per-item diagnostics. Scores the judge could not produce are NaN and ``scored`` is False there: nobody downstream
-ever sees an invented number (DESIGN.md section 4; the advantage code excludes unscored trajectories).
+ever sees an invented number (docs/design.md section 4; the advantage code excludes unscored trajectories).
 
 Scale convention (shared by every scorer, the advantage code and the evaluation):
 

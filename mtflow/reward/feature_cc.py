@@ -1,6 +1,6 @@
 """Content consistency from image-feature similarity (DINOv2 / DINOv3 through transformers ``AutoModel``).
 
-For turn k the score compares y^(k) with a reference image, y0 (``reference="source"``, DESIGN.md section 4) or
+For turn k the score compares y^(k) with a reference image, y0 (``reference="source"``, docs/design.md section 4) or
 y^(k-1) (``"previous"``): s = max(0, cos(f(ref), f(y^(k)))) of the models' pooled embeddings, reported as
 1 + 4 s on the shared 1-5 scale (``mtflow.reward.base``).
 """

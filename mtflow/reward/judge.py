@@ -1,6 +1,6 @@
 """The VLM judge: per-turn instruction following (IF) and content consistency (CC) from a vision-language model.
 
-Two scoring modes (DESIGN.md section 4):
+Two scoring modes (docs/design.md section 4):
 
 - ``thinking``: the judge writes an analysis and tagged scores; ``mtflow.reward.parser`` reads them. Turns it
   cannot read are NaN and unscored.

@@ -1,7 +1,7 @@
 """Judge prompt templates: instruction following (IF) and content consistency (CC), 1-5 rubric or binary.
 
 A prompt is a system message plus one user message of interleaved text and images (``JudgePrompt``); backends
-turn it into their own chat format. Four axes select the wording (DESIGN.md section 4):
+turn it into their own chat format. Four axes select the wording (docs/design.md section 4):
 
 - criterion ``"if"`` (was the instruction carried out?) or ``"cc"`` (was everything else preserved?);
 - style ``"multi_turn"`` (the judge sees y0, every output and every instruction of the trajectory) or

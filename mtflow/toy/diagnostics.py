@@ -1,6 +1,6 @@
 """Where does an editor's multi-turn loss come from? Exposure-bias diagnostics on the toy world.
 
-Exposure bias (DESIGN.md section 7) is a fall of marginal success M_k with k: a turn that edits the model's own
+Exposure bias (docs/design.md section 7) is a fall of marginal success M_k with k: a turn that edits the model's own
 output succeeds less often than one that edits a clean image. ``diagnose_exposure_bias`` separates the pieces on
 held-out chains, all with deterministic rollouts, the exact judge and the same per-chain noise:
 

@@ -45,7 +45,7 @@ With ``protect_earlier_edits`` CC also checks what earlier turns *delivered*: D_
 (y_{k-1}(p) == T_{k-1}(p)), against T_k, in units by S_k's instance map. A later turn that wrecks an earlier edit
 (repaints a changed background, erases an added object) then pays for it; with U_k alone it does not (the shipped
 prior loses more than a quarter of an earlier edit in 7 % of the chains still alive at turns 2 and 3). It is off by
-default because, as a GRPO *training* reward, it made learning worse (README, "Benchmark": 2 of 5 seeds, whose
+default because, as a GRPO *training* reward, it made learning worse (docs/toy-world.md, "the judge's blind spot": 2 of 5 seeds, whose
 tuned editors also score lower on the D_k-aware judge's own O_3): D_k depends on each trajectory's own earlier
 outputs, so within a group turn k's CC also reflects whether earlier turns succeeded. Use it to evaluate.
 
@@ -53,7 +53,7 @@ outputs, so within a group turn k's CC also reflects whether earlier turns succe
 
 with T_ref = T_0 on U_k and T_k on D_k. An untouched output (y_k equal to the previous ground truth) scores CC 5.
 
-**Success** (DESIGN.md section 7): a turn succeeds when IF >= 4, i.e. m_IF >= 0.75 (``SUCCESS_THRESHOLD``).
+**Success** (docs/design.md section 7): a turn succeeds when IF >= 4, i.e. m_IF >= 0.75 (``SUCCESS_THRESHOLD``).
 
 **Never invented.** A turn whose E_k is empty, or whose checked region (U_k, with D_k when protected) is
 (impossible for world-generated chains, which keep at least ``min_preserved_fraction`` of the image in U_k), is NaN
@@ -82,7 +82,7 @@ from mtflow.reward.base import SCORE_MAX, SCORE_MIN, ScoreBatch, ScoringItem
 from mtflow.toy.world import RenderSpec, Scene
 
 SUCCESS_THRESHOLD = 4.0
-"""A turn succeeds when its IF >= this (DESIGN.md section 7); for the exact judge that is m_IF >= 0.75."""
+"""A turn succeeds when its IF >= this (docs/design.md section 7); for the exact judge that is m_IF >= 0.75."""
 
 OFF_PALETTE = -1
 _CHUNK = 128  # items per vectorised call

@@ -7,12 +7,12 @@ the world, and FLUX's ``FlowMatchEulerDiscreteScheduler``. It is saved as a ``Fl
 trained and evaluated through ``KontextPolicy`` (``lora_rank=0``), so latents, packing, position ids, guidance and
 the timestep input are exactly the ones RL rollouts use.
 
-Training (DESIGN.md section 2): for a pair (y_src, c, y_tgt) with clean latents x_ref = E(y_src), x0 = E(y_tgt)
+Training (docs/design.md section 2): for a pair (y_src, c, y_tgt) with clean latents x_ref = E(y_src), x0 = E(y_tgt)
 (VAE posterior mode, ``(z - shift) * scale``, packed), draw sigma from a logit-normal and eps ~ N(0, I),
 x_sigma = (1 - sigma) x0 + sigma eps, and minimise mean ||v_theta(x_sigma, sigma, x_ref, c) - (eps - x0)||^2.
 The transformer receives ``timestep = sigma`` (what the pipeline passes). The prior only ever sees clean
 renderings as references, never its own outputs. Whether chains on its own outputs then show exposure bias is
-measured by ``mtflow.toy.diagnostics`` (for the shipped prior they do not: its passing turns are pixel-exact; README,
+measured by ``mtflow.toy.diagnostics`` (for the shipped prior they do not: its passing turns are pixel-exact; docs/toy-world.md,
 "Exposure bias").
 
 Latents of clean renderings are a pure function of the scene, so they are cached by scene key (the world has a

@@ -114,7 +114,7 @@ def test_faded_rendering_by_hand():
 
 
 def test_the_shipped_vae_snaps_drifted_colours_back_onto_the_palette(prior):
-    """A property of the shipped VAE the README relies on: a rendering whose colours drifted 20-30 % toward gray
+    """A property of the shipped VAE docs/toy-world.md relies on: a rendering whose colours drifted 20-30 % toward gray
     comes back from encode + decode far closer to the exact rendering than it went in."""
     rows = vae_colour_snap(prior, ToyWorld(), fades=(0.0, 0.2, 0.3), num_scenes=16)
     assert [r["fade"] for r in rows] == [0.0, 0.2, 0.3]
@@ -126,7 +126,7 @@ def test_the_shipped_vae_snaps_drifted_colours_back_onto_the_palette(prior):
 
 def test_vae_round_trip_drift_against_a_direct_diffusers_loop(prior):
     """The repeated hand-off, recomputed with the AutoencoderKL alone (no packing, no scaling, which cancel) and a
-    brute-force nearest-colour labelling; then the property the README relies on: on the shipped VAE the error
+    brute-force nearest-colour labelling; then the property docs/toy-world.md relies on: on the shipped VAE the error
     compounds pass after pass but stays far below what the judge's 75 % edit-region test could notice."""
     world = ToyWorld()
     rows = vae_round_trip_drift(prior, world, passes=3, num_scenes=8, colour_tolerance=48.0)

@@ -266,7 +266,7 @@ def test_shipped_prior_drifts_on_its_own_outputs(recorded):
     Marginal success M_k does *not* fall for this prior (57.5 / 59.1 / 57.4 %, exposure bias 0.1 points, 95 % CI
     about -13 to +14 at 200 chains), and teacher forcing with the same noise does no better (57.5 / 59.5 / 60.0 %):
     the turns that pass are nearly all pixel-exact, so they hand the next turn an input as easy as the ground
-    truth, and the chains that survive are easier ones; ``tools/diagnose_exposure_bias.py`` measures why (README,
+    truth, and the chains that survive are easier ones; ``tools/diagnose_exposure_bias.py`` measures why (docs/toy-world.md,
     "Exposure bias"). What carries over is damage outside the edit regions, which CC_k measures."""
     multi = recorded["multi_turn"]
     assert multi["num_chains"] >= 200 and recorded["single_turn"]["num_pairs"] >= 600
@@ -302,7 +302,7 @@ def test_drift_prior_shows_exposure_bias_on_its_own_outputs():
     """The drift prior (jittered world, trained on pairs misaligned by one pixel: each turn moves the picture) fails
     more on its own outputs than on ground-truth inputs: marginal success M_k falls turn after turn while
     teacher-forced success (same chains, same noise, ground-truth input) stays near turn 1's (recorded full
-    evaluation, 200 chains; the subset test ties the record to the weights; README, "Exposure bias")."""
+    evaluation, 200 chains; the subset test ties the record to the weights; docs/toy-world.md, exposure bias)."""
     recorded = json.loads((SHIPPED_PRIOR.parent / "prior_drift" / "heldout.json").read_text())
     multi = recorded["multi_turn"]
     assert multi["num_chains"] >= 200 and recorded["world"]["position_jitter"] == 2
