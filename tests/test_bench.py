@@ -1,19 +1,32 @@
-"""Benchmark support: line fits, peak-memory probes, call counting, the model-pass count (against a real iteration),
-the anchor-style naive loop (same rollout and same gradients as mtflow's batched loop) and the FLOP model (against
-hand counts and torch's FlopCounterMode on the real diffusers classes)."""
+"""Benchmark support (``tools/benchkit``, outside the library): line fits, peak-memory probes, call counting, the
+model-pass count (against a real iteration), the anchor-style naive loop (same rollout and same gradients as mtflow's
+batched loop) and the FLOP model (against hand counts and torch's FlopCounterMode on the real diffusers classes)."""
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mtflow.bench.harness import ModelSpec, bench_chains, load_policy, run_iterations
-from mtflow.bench.naive import NaiveLoop, draw_rollout_noise, naive_log_prob, naive_rollout
-from mtflow.bench.passes import IterationShape, PassCount, chunk_sizes, expected_calls, model_passes
-from mtflow.bench.projection import (
+# the benchmark machinery lives with the tools (tools/benchkit), not in the mtflow package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from benchkit.harness import (
+    ModelSpec,
+    bench_chains,
+    load_policy,
+    module_from_json,
+    module_to_json,
+    run_iterations,
+)
+from benchkit.naive import NaiveLoop, draw_rollout_noise, naive_log_prob, naive_rollout
+from benchkit.passes import IterationShape, PassCount, chunk_sizes, expected_calls, model_passes
+from benchkit.projection import (
     FluxArch,
     Hardware,
     PaperSetting,
@@ -28,10 +41,14 @@ from mtflow.bench.projection import (
     rollout_storage_bytes,
     t5_encoder_flops,
 )
-from mtflow.bench.timing import PeakProbe, count_calls, fit_line, time_calls
+from benchkit.timing import PeakProbe, count_calls, fit_line, time_calls
+
+from mtflow.algorithms import GRPO, NFT
 from mtflow.losses import GRPOConfig, grpo_loss
 from mtflow.rollout import RolloutConfig, recompute_transition, rollout, transition_batches
+from mtflow.sampling import SDEConfig
 from mtflow.testing.fixtures import torch_threads
+from mtflow.training.optim import OptimConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -145,14 +162,44 @@ def policy(tiny_kontext_path):
     return policy
 
 
+def test_iteration_shape_of_a_module_configuration():
+    rollout_config = RolloutConfig(group_size=3, num_steps=4, forward_batch_size=2)
+    assert IterationShape.of(GRPO(), rollout_config, 2, 3) == IterationShape(
+        2, 3, 3, 4, "grpo", forward_batch_size=2
+    )
+    window = IterationShape.of(GRPO(stochastic="window", window_size=3, beta_kl=0.1), rollout_config, 2, 3)
+    assert window.recorded_steps == 3 and window.grpo_reference
+    nft = IterationShape.of(
+        NFT(train_timesteps=9, beta_ref=0.0), rollout_config, 2, 3, OptimConfig(updates_per_rollout=3)
+    )
+    assert (nft.loss, nft.nft_draws, nft.nft_reference, nft.updates_per_rollout) == ("nft", 4, False, 3)
+
+
+def test_module_arguments_survive_the_trip_to_a_worker_process():
+    module = {
+        "algorithm": NFT(train_timesteps=2, beta_ref=0.0),
+        "rollout": RolloutConfig(group_size=3, store_dtype="bfloat16"),
+        "optim": OptimConfig(lr=1e-3, betas=(0.8, 0.9)),
+        "overlap_scoring": False,
+    }
+    back = module_from_json(json.loads(json.dumps(module_to_json(module))))
+    assert type(back["algorithm"]) is NFT and back["algorithm"].config() == module["algorithm"].config()
+    assert back["rollout"] == module["rollout"] and back["optim"] == module["optim"]
+    assert back["overlap_scoring"] is False
+    assert module_to_json({"algorithm": GRPO()})["algorithm"]["class_path"] == "mtflow.algorithms.grpo.GRPO"
+
+
 @pytest.mark.parametrize("loss", ["grpo", "nft"])
 def test_a_real_iteration_makes_exactly_the_predicted_calls(policy, loss):
     # odd sizes: N = 3 trajectories in batches of 2 leave a remainder everywhere
-    module = {"loss": loss, "group_size": 3, "num_steps": 3, "forward_batch_size": 2}
-    if loss == "nft":
-        module["nft_train_timesteps"] = 2
+    algorithm = NFT(train_timesteps=2) if loss == "nft" else GRPO()
+    module = {
+        "algorithm": algorithm,
+        "rollout": RolloutConfig(group_size=3, num_steps=3, forward_batch_size=2),
+    }
     run = run_iterations(policy, bench_chains(2, 2), 1, module, iterations=1, warmup=1, count=True)
     shape = IterationShape(1, 3, 2, 3, loss, nft_draws=2, forward_batch_size=2)
+    assert model_passes(IterationShape.of(algorithm, module["rollout"], 1, 2)) == model_passes(shape)
     assert run.calls == expected_calls(model_passes(shape), "old" if loss == "nft" else "default")
     assert len(run.walls) == 1 and run.iteration_s > 0
 
@@ -164,15 +211,16 @@ def test_a_real_iteration_makes_exactly_the_predicted_calls(policy, loss):
 @pytest.mark.parametrize("per_chain", [True, False])
 def test_naive_rollout_reproduces_the_batched_rollout(policy, mode, per_chain):
     chains = bench_chains(2, 2)
-    config = RolloutConfig(group_size=3, num_steps=3, stochastic=mode, window_size=2, forward_batch_size=4)
+    config = RolloutConfig(group_size=3, num_steps=3, forward_batch_size=4)
+    sde = None if mode == "none" else SDEConfig(noise_level=0.9, stochastic=mode, window_size=2)
 
     def gens():
         if per_chain:
             return [torch.Generator().manual_seed(50 + b) for b in range(2)]
         return torch.Generator().manual_seed(50)
 
-    batched = rollout(policy, chains, config, generator=gens())
-    naive = naive_rollout(policy, chains, config, generator=gens())
+    batched = rollout(policy, chains, config, generator=gens(), sde=sde)
+    naive = naive_rollout(policy, chains, config, generator=gens(), sde=sde)
     assert naive.step_indices.tolist() == batched.step_indices.tolist()
     assert torch.equal(naive.source_images, batched.source_images)
     assert (naive.images.int() - batched.images.int()).abs().max() <= 1
@@ -185,7 +233,7 @@ def test_naive_rollout_reproduces_the_batched_rollout(policy, mode, per_chain):
 
 
 def test_rollout_noise_is_mtflows_draw_order(policy):
-    config = RolloutConfig(group_size=2, num_steps=3, stochastic="all")
+    config = RolloutConfig(group_size=2, num_steps=3)
     noise = draw_rollout_noise(
         policy, 2, 2, config, [0, 1, 2], [torch.Generator().manual_seed(b) for b in range(2)]
     )
@@ -202,7 +250,7 @@ def test_rollout_noise_is_mtflows_draw_order(policy):
 def test_naive_per_sample_grpo_update_has_the_batched_gradient(policy):
     chains = bench_chains(1, 2)
     config = RolloutConfig(group_size=3, num_steps=2, forward_batch_size=4)
-    result = rollout(policy, chains, config, generator=torch.Generator().manual_seed(3))
+    result = rollout(policy, chains, config, generator=torch.Generator().manual_seed(3), sde=SDEConfig())
     advantages = torch.tensor([[1.0, 1.0], [-0.5, -0.5], [0.0, 0.0]])
     weights = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])  # trajectory 2 excluded
     params = policy.adapter_parameters("default")
@@ -233,7 +281,7 @@ def test_naive_per_sample_grpo_update_has_the_batched_gradient(policy):
             grads.append([p.grad.clone() for p in self.params])
             self.optimizer.zero_grad(set_to_none=True)
 
-    loop = Recording(policy, None, "grpo", config, updates_per_rollout=1)
+    loop = Recording(policy, None, GRPO(), config, optim=OptimConfig(updates_per_rollout=1))
     loop._grpo_update(result, advantages, weights)
     policy.eval()
     assert len(grads) == 1

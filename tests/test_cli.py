@@ -226,21 +226,52 @@ def test_console_script_exits_zero_and_counts_progress_in_iterations(tiny_kontex
     assert "8/8" not in done.stdout  # the epoch's length is not the bar's length
 
 
-def test_wheel_ships_the_default_config_kernels_and_toy_assets(tmp_path):
-    """A non-editable install has no checkout around it: the wheel itself must hold configs (``mtflow fit``'s
-    default), the remapped kernels package and the toy prior the default config names."""
+REPO = Path(__file__).resolve().parents[1]
+# build artefacts and local run folders of a checkout (as in .gitignore) that a wheel must not be built from
+BUILD_LEFTOVERS = {
+    ".git",
+    "build",
+    "dist",
+    "mtflow.egg-info",
+    ".venv",
+    "venv",
+    "runs",
+    "outputs",
+    "lightning_logs",
+    "tmp",
+}
+
+
+@pytest.fixture(scope="module")
+def wheel_names(tmp_path_factory) -> set[str]:
+    """The file names inside a wheel built (``pip wheel . --no-deps``) from a copy of the checkout without its build
+    leftovers: pip builds in the source tree and setuptools packs whatever an earlier build left in ``build/lib``,
+    so a module deleted since (e.g. the former ``mtflow/bench/``) would ship again from a developer's checkout."""
+    import shutil
     import zipfile
 
-    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path_factory.mktemp("wheel")
+
+    def leftovers(folder: str, names: list[str]) -> set[str]:
+        skipped = {n for n in names if n in ("__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis")}
+        return skipped | (BUILD_LEFTOVERS & set(names) if Path(folder) == REPO else set())
+
+    source = Path(shutil.copytree(REPO, root / "source", ignore=leftovers))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "-q", "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(root / "dist")],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = tmp_path.glob("mtflow-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    (wheel,) = (root / "dist").glob("mtflow-*.whl")
+    return set(zipfile.ZipFile(wheel).namelist())
+
+
+def test_wheel_ships_the_default_config_kernels_and_toy_assets(wheel_names):
+    """A non-editable install has no checkout around it: the wheel itself must hold configs (``mtflow fit``'s
+    default), the remapped kernels package and the toy prior the default config names."""
+    names = wheel_names
     for name in (
         "mtflow/configs/toy.yaml",
         "mtflow/configs/toy_nft.yaml",
@@ -252,3 +283,30 @@ def test_wheel_ships_the_default_config_kernels_and_toy_assets(tmp_path):
     ):
         assert name in names, name
     assert not any(n.startswith(("tests/", "configs/", "kernels/")) for n in names)
+
+
+def test_wheel_ships_the_library_only(wheel_names):
+    """The wheel holds the ``mtflow`` package and its metadata, nothing else: no benchmark machinery (it lives in
+    ``tools/benchkit``, next to ``tools/bench.py``), no ``tools/`` script or module; every Python module in it comes
+    from the library's sources (``mtflow/``, ``kernels/`` as ``mtflow.kernels``, ``configs/`` as ``mtflow.configs``).
+    The algorithms, the kernels and the configs are all there."""
+    names = wheel_names
+    top = {n.split("/")[0] for n in names}
+    assert {t for t in top if not (t.startswith("mtflow-") and t.endswith(".dist-info"))} == {"mtflow"}, top
+    assert (REPO / "tools" / "benchkit" / "harness.py").is_file()  # what must stay out is really there
+    assert not any(n.startswith(("mtflow/bench/", "tools/")) or "benchkit" in n for n in names)
+    sources = {"mtflow/kernels/": REPO / "kernels", "mtflow/configs/": REPO / "configs"}
+    for name in (n for n in names if n.endswith(".py")):
+        prefix = next((p for p in sources if name.startswith(p)), None)
+        origin = sources[prefix] / name[len(prefix) :] if prefix else REPO / name
+        if prefix == "mtflow/kernels/" and not origin.is_file():
+            origin = REPO / name  # mtflow/kernels/__init__.py, the package itself
+        assert origin.is_file(), f"{name} in the wheel is not a library source"
+    expected = {f"mtflow/algorithms/{p.name}" for p in (REPO / "mtflow" / "algorithms").glob("*.py")}
+    expected |= {f"mtflow/kernels/{p.name}" for p in (REPO / "kernels").glob("*.py")}
+    expected |= {
+        f"mtflow/configs/{p.relative_to(REPO / 'configs').as_posix()}"
+        for p in (REPO / "configs").rglob("*.yaml")
+    }
+    assert {"mtflow/algorithms/nft.py", "mtflow/kernels/sde.py", "mtflow/configs/toy.yaml"} <= expected
+    assert not sorted(expected - names), sorted(expected - names)

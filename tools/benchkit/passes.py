@@ -1,8 +1,9 @@
 """The model passes one RL iteration cannot avoid, and their cost measured alone.
 
-``model_passes`` counts, from the iteration's sizes, every call the loop has to make to a network (text encoders,
-VAE encoder and decoder, transformer with or without gradient), the judge and the optimiser, with the batch size of
-each call, exactly as ``FlowRLModule`` batches them. ``tools/bench.py`` checks the counts against the calls a real
+``model_passes`` counts, from the iteration's sizes (``IterationShape``, or ``IterationShape.of`` a module's
+algorithm and configs), every call the loop has to make to a network (text encoders, VAE encoder and decoder,
+transformer with or without gradient), the judge and the optimiser, with the batch size of each call, exactly as
+``FlowRLModule`` batches them. ``tools/bench.py`` checks the counts against the calls a real
 iteration makes (``timing.count_calls``), times each kind of call alone on the raw modules (``PassTimer``: the
 diffusers transformer / VAE / text encoders called directly with prepared inputs, none of mtflow's code in between)
 and divides the iteration's wall time by the sum: the framework overhead.
@@ -16,7 +17,11 @@ from typing import Literal
 
 import torch
 
-from mtflow.bench.timing import time_calls
+from benchkit.timing import time_calls
+from mtflow.algorithms import GRPO, NFT, Algorithm
+from mtflow.models.base import OLD_ADAPTER, TRAINED_ADAPTER
+from mtflow.rollout import RolloutConfig
+from mtflow.training.optim import OptimConfig
 
 PassName = Literal[
     "text_encode",
@@ -42,7 +47,7 @@ class IterationShape:
         num_steps: T sampler steps per turn.
         loss: "grpo" or "nft".
         trained_steps: GRPO: recorded (trained) steps per turn, T for full SDE, W in window mode; ignored for NFT.
-        nft_draws: NFT: noised copies D of each turn's output (``min(nft_train_timesteps, T)``).
+        nft_draws: NFT: noised copies D of each turn's output (``min(NFT.train_timesteps, T)``).
         forward_batch_size: samples per network call.
         updates_per_rollout: optimiser steps per iteration (capped by the number of (turn, step) keys or draws).
         grpo_reference: GRPO with beta_KL > 0 (reference-policy means are computed).
@@ -62,6 +67,39 @@ class IterationShape:
     grpo_reference: bool = False
     nft_reference: bool = True
     unique_instructions: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        algorithm: Algorithm,
+        rollout: RolloutConfig,
+        num_chains: int,
+        num_turns: int,
+        optim: OptimConfig | None = None,
+        unique_instructions: int | None = None,
+    ) -> IterationShape:
+        """The shape of one iteration of ``FlowRLModule(algorithm=algorithm, rollout=rollout, optim=optim)`` on
+        ``num_chains`` chains of ``num_turns`` turns."""
+        common = {
+            "num_chains": num_chains,
+            "group_size": rollout.group_size,
+            "num_turns": num_turns,
+            "num_steps": rollout.num_steps,
+            "forward_batch_size": rollout.forward_batch_size,
+            "updates_per_rollout": (optim or OptimConfig()).updates_per_rollout,
+            "unique_instructions": unique_instructions,
+        }
+        if isinstance(algorithm, GRPO):
+            window = algorithm.window_size if algorithm.stochastic == "window" else None
+            return cls(loss="grpo", trained_steps=window, grpo_reference=algorithm.beta_kl > 0, **common)
+        if isinstance(algorithm, NFT):
+            return cls(
+                loss="nft",
+                nft_draws=min(algorithm.train_timesteps, rollout.num_steps),
+                nft_reference=algorithm.beta_ref > 0,
+                **common,
+            )
+        raise TypeError(f"no pass model for {algorithm!r}")
 
     @property
     def num_trajectories(self) -> int:
@@ -148,7 +186,6 @@ class PassTimer:
 
     Args:
         policy: a loaded ``KontextPolicy``.
-        sampling_adapter: the adapter rollouts use ("default" for GRPO, "old" for NFT).
         repeats: timed calls per measurement (the median is kept); one untimed warm-up call precedes them.
         text_length: instruction length in words of the text-encoder input.
     """
@@ -186,7 +223,7 @@ class PassTimer:
     def _measure(self, fn: Callable[[], object]) -> float:
         return time_calls(fn, self.repeats, warmup=1).median
 
-    def seconds(self, name: PassName, batch_size: int, adapter: str | None = "default") -> float:
+    def seconds(self, name: PassName, batch_size: int, adapter: str | None = TRAINED_ADAPTER) -> float:
         """Median seconds of one call of ``name`` at ``batch_size`` (cached per (name, size, adapter))."""
         key = (name, batch_size, adapter)
         if key not in self.cache:
@@ -202,7 +239,7 @@ class PassTimer:
             length = policy.image_seq_len
             if name == "train_forward_backward":
                 weight = torch.randn((batch, length, policy.transformer.config.in_channels), generator=gen)
-                params = policy.adapter_parameters(adapter or "default")
+                params = policy.adapter_parameters(adapter or TRAINED_ADAPTER)
 
                 def train_call() -> None:
                     out = policy.transformer(**inputs, return_dict=False)[0]
@@ -263,7 +300,7 @@ class PassTimer:
 
             return self._measure(text_call)
         if name == "optimizer_step":
-            params = [p for p in policy.adapter_parameters("default")]
+            params = [p for p in policy.adapter_parameters(TRAINED_ADAPTER)]
             saved = [p.detach().clone() for p in params]
             optimizer = torch.optim.AdamW(params, lr=1e-12)
             for p in params:
@@ -283,16 +320,23 @@ class PassTimer:
 
 
 TRANSFORMER_KEYS = {
-    "old_forward": "transformer/no_grad/old",
+    "old_forward": f"transformer/no_grad/{OLD_ADAPTER}",
     "reference_forward": "transformer/no_grad/none",
-    "train_forward_backward": "transformer/grad/default",
+    "train_forward_backward": f"transformer/grad/{TRAINED_ADAPTER}",
 }
 
 
+def pass_adapter(name: PassName, sampling_adapter: str) -> str | None:
+    """The adapter a transformer pass of kind ``name`` runs with (None: the frozen base)."""
+    return {"rollout_forward": sampling_adapter, "old_forward": OLD_ADAPTER, "reference_forward": None}.get(
+        name, TRAINED_ADAPTER
+    )
+
+
 def expected_calls(passes: list[PassCount], sampling_adapter: str) -> dict[str, dict[int, int]]:
-    """``passes`` in the form ``harness.IterationRecorder`` logs real calls: transformer calls keyed by grad mode and
-    active adapter (``transformer/no_grad/<adapter>``, ``none`` = adapters disabled), other calls by pass name,
-    each mapping batch size -> calls."""
+    """``passes`` in the form ``recorder.IterationRecorder`` logs real calls: transformer calls keyed by grad mode
+    and active adapter (``transformer/no_grad/<adapter>``, ``none`` = adapters disabled), other calls by pass
+    name, each mapping batch size -> calls."""
     keys = {**TRANSFORMER_KEYS, "rollout_forward": f"transformer/no_grad/{sampling_adapter}"}
     out: dict[str, dict[int, int]] = {}
     for p in passes:

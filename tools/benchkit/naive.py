@@ -18,25 +18,19 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from mtflow.advantage import AdvantageConfig, compute_advantages
+from mtflow.algorithms import GRPO, NFT
 from mtflow.data.records import EditChain
-from mtflow.losses import (
-    GRPOConfig,
-    NFTConfig,
-    grpo_loss,
-    nft_loss,
-    old_adapter_decay,
-    sampling_adapter,
-    soft_update_,
-)
-from mtflow.models.base import TextEmbeddings
+from mtflow.eval.evaluate import scoring_items
+from mtflow.losses import NFTConfig, grpo_loss, nft_loss, old_adapter_decay, soft_update_
+from mtflow.models.base import OLD_ADAPTER, TRAINED_ADAPTER, TextEmbeddings
 from mtflow.reward.base import Scorer
 from mtflow.rollout import STORE_DTYPES, Rollout, RolloutConfig, pixels_to_uint8
-from mtflow.sampling import sde_step, stochastic_steps, transition_log_prob
+from mtflow.sampling import SDEConfig, sde_step, stochastic_steps, transition_log_prob
+from mtflow.training.optim import OptimConfig
 
 
 @dataclass
@@ -62,10 +56,11 @@ def draw_rollout_noise(
 ) -> RolloutNoise:
     """Draw the noise of a rollout in the order ``mtflow.rollout.rollout`` consumes its generator(s): per turn, the
     initial noise of the turn, then one draw per stochastic step; with one generator per chain, chain b's G rows
-    of every draw come from generator b (so each generator's sequence does not depend on the other chains)."""
+    of every draw come from generator b (so each generator's sequence does not depend on the other chains).
+    Every ``recorded`` step is stochastic (an ``SDEConfig`` has a noise level > 0; a deterministic rollout records
+    no step)."""
     group = config.group_size
-    noise_level = config.noise_level if config.stochastic != "none" else 0.0
-    stochastic = [i for i in recorded if noise_level > 0]
+    stochastic = list(recorded)
     if generator is None or isinstance(generator, torch.Generator):
         sources, rows = [generator], num_chains * group
     else:
@@ -94,12 +89,14 @@ def naive_rollout(
     chains: Sequence[EditChain],
     config: RolloutConfig,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    adapter: str | None = "default",
+    adapter: str | None = TRAINED_ADAPTER,
     recorded_steps: Sequence[int] | None = None,
+    sde: SDEConfig | None = None,
 ) -> Rollout:
     """Anchor-style rollout: trajectory by trajectory, batch size 1 everywhere, text encoded per trajectory and
     turn, the source encoded per trajectory. Same arguments and same result as ``mtflow.rollout.rollout``
-    (``config.forward_batch_size`` is ignored: every call has one sample)."""
+    (``config.forward_batch_size`` is ignored: every call has one sample; ``sde=None`` is deterministic)."""
+    config.check_sde(sde)
     started = time.perf_counter()
     num_chains, group = len(chains), config.group_size
     num_turns = chains[0].num_turns
@@ -108,11 +105,13 @@ def naive_rollout(
     grid = policy.timestep_grid(config.num_steps)
     sigmas = grid.sigmas.float()
     first = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
-    if recorded_steps is None:
-        recorded = stochastic_steps(config.num_steps, config.stochastic, config.window_size, first)
+    if sde is None:
+        recorded: list[int] = []
+    elif recorded_steps is None:
+        recorded = stochastic_steps(config.num_steps, sde.stochastic, sde.window_size, first)
     else:
         recorded = sorted(int(i) for i in recorded_steps)
-    noise_level = config.noise_level if config.stochastic != "none" else 0.0
+    noise_level = sde.noise_level if sde is not None else 0.0
     noise = draw_rollout_noise(policy, num_chains, num_turns, config, recorded, generator)
 
     prompt_rows, pooled_rows, texts = [], [], []
@@ -209,6 +208,7 @@ def naive_rollout(
         sigmas=sigmas,
         model_timesteps=grid.model_timesteps.float(),
         noise_level=noise_level,
+        backend="torch",  # the steps above are mtflow.sampling's torch ops
         stats={"perf/rollout_s": elapsed, "perf/rollout_forward_calls": float(forward_calls)},
     )
 
@@ -251,15 +251,12 @@ class NaiveLoop:
     Args:
         policy: a loaded ``KontextPolicy`` (with an "old" adapter for NFT).
         scorer: the judge.
-        loss: "grpo" or "nft".
+        algorithm: ``GRPO`` or ``NFT`` with its knobs: sampling adapter and SDE of the rollout, loss settings
+            (GRPO clip / KL; NFT beta / beta_ref, noised copies per turn output ``train_timesteps``, old-adapter
+            decay), exactly as ``FlowRLModule`` uses them.
         rollout_config: sampling settings (``forward_batch_size`` is ignored).
-        advantage_config: advantage settings.
-        grpo_config: GRPO clip / KL settings.
-        nft_config: NFT beta / A_max / beta_ref.
-        nft_draws: NFT noised copies per turn output.
-        updates_per_rollout: optimiser steps per iteration.
-        lr: AdamW learning rate.
-        max_grad_norm: gradient clipping (0 disables).
+        advantage_config: advantage settings (its ``a_max`` is NFT's too, as in ``NFT.loss_config``).
+        optim: AdamW settings, gradient clipping (``max_grad_norm``, 0 disables) and optimiser steps per iteration.
         seed: seed of the chunk shuffling and NFT draws.
     """
 
@@ -267,40 +264,42 @@ class NaiveLoop:
         self,
         policy,
         scorer: Scorer,
-        loss: Literal["grpo", "nft"],
+        algorithm: GRPO | NFT,
         rollout_config: RolloutConfig,
         advantage_config: AdvantageConfig | None = None,
-        grpo_config: GRPOConfig | None = None,
-        nft_config: NFTConfig | None = None,
-        nft_draws: int = 4,
-        updates_per_rollout: int = 2,
-        lr: float = 3e-4,
-        max_grad_norm: float = 1.0,
+        optim: OptimConfig | None = None,
         seed: int = 0,
     ) -> None:
+        if not isinstance(algorithm, (GRPO, NFT)):
+            raise TypeError(f"the naive loop implements GRPO and NFT, got {algorithm!r}")
         self.policy = policy
         self.scorer = scorer
-        self.loss = loss
+        self.algorithm = algorithm
         self.rollout_config = rollout_config
         self.advantage_config = advantage_config or AdvantageConfig()
-        self.grpo_config = grpo_config or GRPOConfig()
-        self.nft_config = nft_config or NFTConfig()
-        self.nft_draws = nft_draws
-        self.updates_per_rollout = updates_per_rollout
-        self.max_grad_norm = max_grad_norm
-        self.params = policy.adapter_parameters("default")
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-4)
+        self.optim = optim or OptimConfig()
+        self.updates_per_rollout = self.optim.updates_per_rollout
+        self.max_grad_norm = self.optim.max_grad_norm
+        self.params = policy.adapter_parameters(TRAINED_ADAPTER)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=self.optim.lr, betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay
+        )
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
 
     def run(self, chains: Sequence[EditChain], generator=None) -> dict[str, float]:
         """One iteration over ``chains``; returns perf stats."""
-        from mtflow.training.module import scoring_items
-
+        algorithm = self.algorithm
         started = time.perf_counter()
-        adapter = sampling_adapter(self.loss)
         self.policy.eval()
-        result = naive_rollout(self.policy, chains, self.rollout_config, generator, adapter=adapter)
+        result = naive_rollout(
+            self.policy,
+            chains,
+            self.rollout_config,
+            generator,
+            adapter=algorithm.sampling_adapter,
+            sde=algorithm.sde(),
+        )
         judged = time.perf_counter()
         scores = self.scorer.score(scoring_items(result))
         shape = (result.num_chains, result.group_size, result.num_turns)
@@ -314,12 +313,14 @@ class NaiveLoop:
         weights = adv.valid.reshape(result.num_trajectories, result.num_turns).float()
         updating = time.perf_counter()
         self.policy.train()
-        if self.loss == "grpo":
+        if isinstance(algorithm, GRPO):
             self._grpo_update(result, advantages, weights)
         else:
             self._nft_update(result, advantages, weights)
-            eta = old_adapter_decay(self.iteration)
-            soft_update_(self.policy.adapter_parameters("old"), self.params, eta)
+            eta = old_adapter_decay(
+                self.iteration, algorithm.old_adapter_rate, algorithm.old_adapter_max_decay
+            )
+            soft_update_(self.policy.adapter_parameters(OLD_ADAPTER), self.params, eta)
         self.policy.eval()
         self.iteration += 1
         done = time.perf_counter()
@@ -344,7 +345,7 @@ class NaiveLoop:
                 for n in range(result.num_trajectories):  # one sample at a time
                     log_prob, mean, std = naive_log_prob(self.policy, result, n, k, s)
                     ref_mean = None
-                    if self.grpo_config.beta_kl > 0:
+                    if self.algorithm.beta_kl > 0:
                         with torch.no_grad(), self.policy.use_adapter(None):
                             _, ref_mean, _ = naive_log_prob(self.policy, result, n, k, s)
                     weight = weights[n : n + 1, k]
@@ -352,7 +353,7 @@ class NaiveLoop:
                         log_prob,
                         result.log_probs[n : n + 1, k, s],
                         advantages[n : n + 1, k],
-                        self.grpo_config,
+                        self.algorithm.loss_config,
                         weight=weight,
                         mean=mean if ref_mean is not None else None,
                         ref_mean=ref_mean,
@@ -365,7 +366,10 @@ class NaiveLoop:
     def _nft_update(self, result: Rollout, advantages: torch.Tensor, weights: torch.Tensor) -> None:
         policy = self.policy
         grid = policy.timestep_grid(self.rollout_config.num_steps)
-        draws = min(self.nft_draws, self.rollout_config.num_steps)
+        draws = min(self.algorithm.train_timesteps, self.rollout_config.num_steps)
+        config = NFTConfig(
+            beta=self.algorithm.beta, a_max=self.advantage_config.a_max, beta_ref=self.algorithm.beta_ref
+        )
         samples = []  # (n, k, d, sigma, x_t, x0, v_old, v_ref), built one sample at a time
         for n in range(result.num_trajectories):
             for k in range(result.num_turns):
@@ -378,10 +382,10 @@ class NaiveLoop:
                     args = (x_t, sigma, result.reference_latents[n : n + 1, k], result.text)
                     row = result.text_index[n : n + 1, k]
                     with torch.no_grad():
-                        with policy.use_adapter("old"):
+                        with policy.use_adapter(OLD_ADAPTER):
                             v_old = policy.velocity(*args, row)
                         v_ref = None
-                        if self.nft_config.beta_ref > 0:
+                        if config.beta_ref > 0:
                             with policy.use_adapter(None):
                                 v_ref = policy.velocity(*args, row)
                     samples.append((n, k, d, sigma, x_t, x0, v_old, v_ref))
@@ -404,7 +408,7 @@ class NaiveLoop:
                     x0,
                     sigma,
                     advantages[n : n + 1, k],
-                    self.nft_config,
+                    config,
                     v_ref=v_ref,
                     weight=weight,
                 )
