@@ -38,7 +38,7 @@ from mtflow.training.callbacks import (
     IterationCheckpoint,
     IterationProgressBar,
     RolloutImageLogger,
-    RunStatus,
+    RunStatusWriter,
 )
 from mtflow.training.migrate import migrate_hparams
 from mtflow.training.module import FlowRLModule
@@ -94,7 +94,7 @@ class MtflowCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RolloutImageLogger, "image_logger")
         parser.add_lightning_class_args(IterationCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(RunStatus, "run_status")
+        parser.add_lightning_class_args(RunStatusWriter, "run_status")
         parser.add_lightning_class_args(HeldOutEvaluation, "heldout")
         parser.set_defaults(
             {
@@ -289,9 +289,11 @@ def _data(args: Sequence[str]) -> None:
 
 
 def _sweep(args: Sequence[str]) -> None:
-    from mtflow.eval.sweep import main as sweep_main
+    from mtflow.sweeps.cli import main as sweep_main
 
-    sweep_main(list(args))
+    code = sweep_main(list(args))
+    if code:
+        raise SystemExit(code)  # `mtflow sweep collect` on an unfinished sweep must not exit 0
 
 
 EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
