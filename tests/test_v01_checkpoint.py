@@ -38,7 +38,13 @@ def test_v01_hyperparameters_migrate_to_the_typed_groups():
     migrated = migrate_hparams(stored)
     assert migrated["algorithm"] == {
         "class_path": "mtflow.algorithms.GRPO",
-        "init_args": {"noise_level": 0.9, "stochastic": "all", "window_size": 2, "clip_eps": 0.001, "beta_kl": 0.0},
+        "init_args": {
+            "noise_level": 0.9,
+            "stochastic": "all",
+            "window_size": 2,
+            "clip_eps": 0.001,
+            "beta_kl": 0.0,
+        },
     }  # the NFT-only values of a GRPO run are dropped, not carried into GRPO
     assert migrated["rollout"] == {
         "group_size": 2,
@@ -57,7 +63,12 @@ def test_v01_hyperparameters_migrate_to_the_typed_groups():
         "updates_per_rollout": 2,
         "max_nonfinite_skips": 3,
     }
-    assert migrated["evaluation"] == {"threshold": 4.0, "num_steps": 10, "conditions": None, "bootstrap": 1000}
+    assert migrated["evaluation"] == {
+        "threshold": 4.0,
+        "num_steps": 10,
+        "conditions": None,
+        "bootstrap": 1000,
+    }
     assert (migrated["ema_decay"], migrated["max_iterations"]) == (0.5, 2)
     assert migrate_hparams(migrated) == migrated  # already current: unchanged
 

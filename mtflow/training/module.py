@@ -51,7 +51,11 @@ log = logging.getLogger(__name__)
 
 # Defaults shared by every module: frozen configs and a stateless algorithm (its knobs only), so sharing is safe.
 # lazy_instance: jsonargparse can print it (--print_config) as class_path + init_args.
-DEFAULT_ALGORITHM, DEFAULT_ROLLOUT, DEFAULT_ADVANTAGE = lazy_instance(GRPO), RolloutConfig(), AdvantageConfig()
+DEFAULT_ALGORITHM, DEFAULT_ROLLOUT, DEFAULT_ADVANTAGE = (
+    lazy_instance(GRPO),
+    RolloutConfig(),
+    AdvantageConfig(),
+)
 DEFAULT_OPTIM, DEFAULT_EVAL = OptimConfig(), EvalConfig()
 
 
