@@ -7,9 +7,11 @@
     mtflow export --config runs/x/config.yaml --ckpt_path runs/x/checkpoints/last.ckpt --output_dir lora/
     mtflow serve-reward --config configs/reward_server.yaml
     mtflow data convert-edival --csv ... --images ... --output manifest.jsonl
-    mtflow sweep --grid configs/sweeps/G_T.yaml
+    mtflow sweep run --grid configs/sweeps/G_T.yaml --out sweeps/G_T
 
-``main(args)`` runs in-process (tests call it with a list of arguments).
+``main(args)`` runs in-process (tests call it with a list of arguments). ``resolve_fit_config(args)`` is the config
+``mtflow fit <args>`` would run, resolved and validated by the same parser without running anything (sweeps expand
+their grids with it).
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from argparse import ArgumentError
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -32,7 +38,7 @@ from mtflow.training.callbacks import (
     IterationCheckpoint,
     IterationProgressBar,
     RolloutImageLogger,
-    RunStatus,
+    RunStatusWriter,
 )
 from mtflow.training.migrate import migrate_hparams
 from mtflow.training.module import FlowRLModule
@@ -88,7 +94,7 @@ class MtflowCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RolloutImageLogger, "image_logger")
         parser.add_lightning_class_args(IterationCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(RunStatus, "run_status")
+        parser.add_lightning_class_args(RunStatusWriter, "run_status")
         parser.add_lightning_class_args(HeldOutEvaluation, "heldout")
         parser.set_defaults(
             {
@@ -183,15 +189,85 @@ def _lightning_main(args: Sequence[str] | None) -> MtflowCLI:
         "ignore", message=r"LightningCLI's args parameter is intended to run from within Python"
     )
     return MtflowCLI(
-        FlowRLModule,
-        ChainDataModule,
-        subclass_mode_data=True,
-        trainer_class=MtflowTrainer,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
+        **_cli_setup(),
         parser_kwargs={"description": MAIN_HELP, "epilog": EXTRA_HELP},
         args=list(args) if args is not None else None,
     )
+
+
+def _cli_setup() -> dict[str, Any]:
+    """What ``mtflow`` gives LightningCLI besides the arguments: the parser ``mtflow fit`` and
+    ``resolve_fit_config`` share."""
+    return {
+        "model_class": FlowRLModule,
+        "datamodule_class": ChainDataModule,
+        "subclass_mode_data": True,
+        "trainer_class": MtflowTrainer,
+        "save_config_kwargs": {"overwrite": True},
+        "auto_configure_optimizers": False,
+    }
+
+
+_BUILD_PARSER_ONLY = object()
+
+
+class _FitConfigParser(MtflowCLI):
+    """MtflowCLI that builds its parser and parses, and does nothing LightningCLI does after parsing: no seeding,
+    no class instantiated, no subcommand run. Constructed with ``args=_BUILD_PARSER_ONLY`` it only builds the
+    parser (once per process, ``_fit_config_parser``); ``resolve`` then parses through LightningCLI's own
+    ``parse_arguments``."""
+
+    def parse_arguments(self, parser, args) -> None:
+        if args is _BUILD_PARSER_ONLY:
+            self.config = Namespace(subcommand=None)  # no subcommand: LightningCLI.__init__ runs nothing
+            return
+        super().parse_arguments(parser, args)
+
+    def _set_seed(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str | None) -> None:
+        pass
+
+    def resolve(self, args: list[str]) -> dict[str, Any]:
+        with warnings.catch_warnings():  # `mtflow sweep ...` has sys.argv arguments of its own
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+            self.parse_arguments(self.parser, _with_default_config(["fit", *args]))
+        # what `mtflow fit ... --print_config` writes: the fit parser's dump, unset (null) values included
+        text = self._subcommand_parsers["fit"].dump(self.config["fit"], skip_unset=False)
+        return yaml.safe_load(text)
+
+
+@lru_cache(maxsize=1)
+def _fit_config_parser() -> _FitConfigParser:
+    parser_kwargs = {"exit_on_error": False, "fit": {"exit_on_error": False}}  # raise, do not print and exit
+    return _FitConfigParser(
+        **_cli_setup(),
+        parser_kwargs=parser_kwargs,
+        load_from_checkpoint_support=False,
+        args=_BUILD_PARSER_ONLY,
+    )
+
+
+def resolve_fit_config(args: Sequence[str]) -> dict[str, Any]:
+    """The config ``mtflow fit <args>`` would run (``--config`` files stacked in order, then ``--key=value``
+    arguments), resolved and validated by the same LightningCLI parser, as ``--print_config`` shows it; nothing is
+    instantiated, seeded or run. Without ``--config``, the default toy config is used, as ``mtflow fit`` does.
+
+    Raises:
+        ValueError: a misspelt key, an invalid value or an unreadable config; the message is jsonargparse's (it names
+            the key), on one line.
+    """
+    try:
+        return _fit_config_parser().resolve([str(a) for a in args])
+    except ArgumentError as error:
+        raise ValueError(" ".join(str(error).split())) from None
 
 
 def _serve_reward(args: Sequence[str]) -> None:
@@ -213,9 +289,11 @@ def _data(args: Sequence[str]) -> None:
 
 
 def _sweep(args: Sequence[str]) -> None:
-    from mtflow.eval.sweep import main as sweep_main
+    from mtflow.sweeps.cli import main as sweep_main
 
-    sweep_main(list(args))
+    code = sweep_main(list(args))
+    if code:
+        raise SystemExit(code)  # `mtflow sweep collect` on an unfinished sweep must not exit 0
 
 
 EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {

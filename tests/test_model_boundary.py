@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     from mtflow.testing.fixtures import write_random_manifest
     from mtflow.testing.pixel_policy import PixelFlowPolicy
     from mtflow.testing.scorers import BrightnessScorer
-    from mtflow.training.callbacks import HeldOutEvaluation, IterationCheckpoint, RunStatus
+    from mtflow.training.callbacks import HeldOutEvaluation, IterationCheckpoint, RunStatusWriter
     from mtflow.training.distributed import shard_policy
     from mtflow.training.module import FlowRLModule
 
@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent(
         trainer = L.Trainer(
             accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_progress_bar=False,
             enable_model_summary=False, limit_val_batches=0, default_root_dir=root + "/" + algorithm.name,
-            callbacks=[IterationCheckpoint(every_n_iterations=1), RunStatus(), HeldOutEvaluation(num_chains=2, batch_size=2)],
+            callbacks=[IterationCheckpoint(every_n_iterations=1), RunStatusWriter(), HeldOutEvaluation(num_chains=2, batch_size=2)],
         )
         trainer.fit(module, datamodule=data)
         lora_b = [p for n, p in module.policy.adapter_named_parameters() if "lora_B" in n]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mtflow.cli import main
-from mtflow.eval.sweep import SweepIncompleteError, collect, expand_grid, run_in_process
+from mtflow.sweeps import SweepIncompleteError, collect, expand_grid, run_in_process
 from mtflow.testing.fixtures import REPO_CONFIGS, write_random_manifest
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def test_two_by_two_sweep_end_to_end(tiny_kontext_path, tmp_path):
             "heldout.num_chains": 4,
             "checkpoint.every_n_iterations": 0,
         },
-        "axes": {"model.group_size": [2, 4], "model.num_steps": [2, 3]},
+        "axes": {"model.rollout.group_size": [2, 4], "model.rollout.num_steps": [2, 3]},
         "run_dir_keys": ["trainer.default_root_dir", "trainer.logger.init_args.save_dir"],
     }
     grid_path = tmp_path / "grid.yaml"
@@ -45,7 +45,7 @@ def test_two_by_two_sweep_end_to_end(tiny_kontext_path, tmp_path):
     summary = collect(tmp_path / "sweep")
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
     assert len(rows) == 4
-    assert sorted((r["model.group_size"], r["model.num_steps"]) for r in rows) == [
+    assert sorted((r["model.rollout.group_size"], r["model.rollout.num_steps"]) for r in rows) == [
         ("2", "2"),
         ("2", "3"),
         ("4", "2"),
@@ -56,7 +56,7 @@ def test_two_by_two_sweep_end_to_end(tiny_kontext_path, tmp_path):
         report = json.loads((run.directory / "eval" / "report.json").read_text())
         assert float(row["final_overall"]) == pytest.approx(report["final_overall"])
     # samples seen = iterations x B x G, as recorded by each run
-    by_g = {r["model.group_size"]: int(float(r["samples_seen"])) for r in rows}
+    by_g = {r["model.rollout.group_size"]: int(float(r["samples_seen"])) for r in rows}
     assert by_g == {"2": 2 * 2 * 2, "4": 2 * 2 * 4}
     for name in ("summary.md", "metric_vs_G.png", "heatmap_G_T.png", "reward_curves.png"):
         assert (tmp_path / "sweep" / name).stat().st_size > 0

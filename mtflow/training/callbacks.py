@@ -14,6 +14,7 @@ import numpy as np
 from lightning.pytorch.callbacks import RichProgressBar
 
 from mtflow.eval.report import chain_grid
+from mtflow.sweeps.status import RunStatus
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -116,29 +117,31 @@ class IterationCheckpoint(L.Callback):
         return {"every_n_iterations": self.every_n_iterations}
 
 
-class RunStatus(L.Callback):
-    """Keep ``<run>/status.json`` current: running / completed / failed, wall clock, samples seen, error."""
+class RunStatusWriter(L.Callback):
+    """Keep ``<run>/status.json`` current: running / completed / failed, wall clock, samples seen, iteration, error.
+    The file's format is ``mtflow.sweeps.status.RunStatus`` (what sweeps read)."""
 
     def __init__(self) -> None:
         self.started = time.time()
         self.samples_seen = 0
 
+    @property
+    def state_key(self) -> str:
+        return (
+            "RunStatus"  # the class's name before it was renamed: older checkpoints resume their samples_seen
+        )
+
     def _write(self, trainer, pl_module, status: str, error: str | None = None) -> None:
         folder = run_dir(trainer)  # on every rank: run_dir may broadcast
         if not trainer.is_global_zero:
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "status": status,
-            "wall_clock_s": round(time.time() - self.started, 3),
-            "samples_seen": self.samples_seen,
-            "iteration": getattr(pl_module, "iteration", 0),
-        }
-        if error is not None:
-            payload["error"] = error
-        tmp = folder / "status.json.tmp"
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, folder / "status.json")
+        RunStatus(
+            status=status,
+            wall_clock_s=round(time.time() - self.started, 3),
+            samples_seen=self.samples_seen,
+            error=error,
+            iteration=getattr(pl_module, "iteration", 0),
+        ).write(folder)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.started = time.time()
