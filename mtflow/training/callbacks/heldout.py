@@ -1,0 +1,100 @@
+"""The held-out before/after evaluation of a fit."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import lightning as L
+
+from mtflow.training.callbacks.rundir import run_dir
+
+
+class HeldOutEvaluation(L.Callback):
+    """Evaluate held-out chains before RL (the prior) and after it, and print the per-turn before/after table
+    (cumulative success C_k, consistency CC_k, overall O_k, marginal M_k). Writes ``<run>/eval/``:
+    ``before_after.json``, ``before_after.md`` and the report of the trained model (``report.json`` ...)."""
+
+    def __init__(self, num_chains: int = 64, batch_size: int = 32, enabled: bool = True) -> None:
+        """
+        Args:
+            num_chains: held-out chains evaluated (the first ones of the data module's validation split).
+            batch_size: chains per evaluation rollout.
+            enabled: switch the evaluation off without removing the callback.
+        """
+        self.num_chains = num_chains
+        self.batch_size = batch_size
+        self.enabled = enabled
+        self.before: dict[str, Any] | None = None
+
+    def _evaluate(self, trainer, pl_module, label: str):
+        from mtflow.eval.evaluate import evaluate_chains
+
+        source = trainer.datamodule.sources.get("val") if trainer.datamodule is not None else None
+        if source is None:
+            return None
+        chains = [source[i] for i in range(min(self.num_chains, len(source)))]
+        # every rank evaluates the same chains (sharded models need equal forward calls on all ranks)
+        pl_module.policy.eval()
+        report, raw = evaluate_chains(
+            pl_module.policy,
+            pl_module.scorer,
+            chains,
+            conditions=["model"],
+            model_adapter=pl_module.eval_adapter,
+            num_steps=pl_module.eval_num_steps,
+            batch_size=self.batch_size,
+            forward_batch_size=pl_module.rollout_config.forward_batch_size,
+            seed=pl_module.seed,
+            threshold=pl_module.eval_config.threshold,
+            num_bootstrap=200,
+            # a bar on rank 0 only, and only when the run shows one (enable_progress_bar=false stays quiet)
+            progress=label if trainer.is_global_zero and trainer.progress_bar_callback is not None else None,
+        )
+        return report, raw
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        folder = run_dir(trainer) / "eval"
+        if not self.enabled or self.before is not None:
+            return  # resumed: keep the prior's numbers from the checkpoint
+        result = self._evaluate(trainer, pl_module, "held-out before RL")
+        if result is None:
+            return
+        self.before = result[0].to_dict()
+        if trainer.is_global_zero:
+            from mtflow.eval.evaluate import turn_table
+            from mtflow.eval.report import EvalReport
+
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"\nheld-out chains before RL (iteration {pl_module.iteration}):")
+            print(turn_table(EvalReport.from_dict(self.before)))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        folder = run_dir(trainer) / "eval"
+        if not self.enabled or self.before is None:
+            return
+        result = self._evaluate(trainer, pl_module, "held-out after RL")
+        if result is None or not trainer.is_global_zero:
+            return
+        from mtflow.eval.evaluate import before_after_table
+        from mtflow.eval.report import EvalReport, write_report
+
+        after, raw = result
+        before = EvalReport.from_dict(self.before)
+        table = before_after_table(before, after)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "before_after.md").write_text(table + "\n")
+        (folder / "before_after.json").write_text(
+            json.dumps({"before": before.to_dict(), "after": after.to_dict()}, indent=2, allow_nan=False)
+        )
+        # the run-folder contract: <run>/eval/report.json, and chains.png captioned with per-turn scores
+        model = raw["model"]
+        write_report(folder, after, grid_items=model.items, grid_scores=model.item_scores())
+        print(f"\nheld-out chains, before RL -> after {pl_module.iteration} iterations:\n{table}")
+        print(f"(written to {folder})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"before": self.before}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = state_dict.get("before")
