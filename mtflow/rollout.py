@@ -20,7 +20,7 @@ from mtflow import kernels
 from mtflow.data.records import EditChain
 from mtflow.models.base import TRAINED_ADAPTER, EditPolicy, TextEmbeddings
 from mtflow.reward.base import ScoreBatch, ScoringItem
-from mtflow.sampling import SDEConfig, stochastic_steps
+from mtflow.sampling import SDEConfig
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -58,10 +58,18 @@ class RolloutConfig:
                 raise ValueError(f"RolloutConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
 
     def check_sde(self, sde: SDEConfig | None) -> None:
-        """Refuse an SDE window longer than a turn."""
-        if sde is not None and sde.stochastic == "window" and sde.window_size > self.num_steps:
+        """Refuse an SDE window longer than the turn's stochastic steps, or a turn with none left to train."""
+        if sde is None:
+            return
+        usable = sde.stochastic_steps_of(self.num_steps)
+        if usable < 1:
+            raise ValueError(
+                f"with a deterministic last step a turn of num_steps={self.num_steps} has no SDE step to train on"
+            )
+        if sde.stochastic == "window" and sde.window_size > usable:
             raise ValueError(
                 f"the SDE window ({sde.window_size} steps) exceeds a turn's num_steps ({self.num_steps})"
+                + (" minus its deterministic last step" if sde.deterministic_last_step else "")
             )
 
 
@@ -275,7 +283,7 @@ def rollout(
         if sde is None:
             recorded: list[int] = []
         elif recorded_steps is None:
-            recorded = stochastic_steps(config.num_steps, sde.stochastic, sde.window_size, noise.first)
+            recorded = sde.recorded_steps(config.num_steps, noise.first)
         else:
             recorded = sorted(int(i) for i in recorded_steps)
         noise_level = sde.noise_level if sde is not None else 0.0

@@ -40,11 +40,15 @@ class SDEConfig:
         noise_level: a of the SDE step (Flow-GRPO's FLUX configs: 0.9); > 0.
         stochastic: "all" steps, or a "window" of ``window_size`` consecutive steps at a position drawn per iteration.
         window_size: W, for window mode.
+        deterministic_last_step: the last step of every turn is an Euler (ODE) step, neither recorded nor trained
+            (like a step outside the window), so each turn hands the next one a noise-free image, as users' chains
+            do; "all" then means the first T - 1 steps, and a window is drawn among them.
     """
 
     noise_level: float = 0.9
     stochastic: Literal["all", "window"] = "all"
     window_size: int = 2
+    deterministic_last_step: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_level) and self.noise_level > 0):
@@ -56,6 +60,17 @@ class SDEConfig:
             raise ValueError(f"SDEConfig.stochastic={self.stochastic!r}; expected 'all' or 'window'")
         if int(self.window_size) < 1:
             raise ValueError(f"SDEConfig.window_size must be >= 1, got {self.window_size}")
+
+    def stochastic_steps_of(self, num_steps: int) -> int:
+        """How many of a turn's ``num_steps`` steps may be stochastic (all of them, or all but the last)."""
+        return num_steps - 1 if self.deterministic_last_step else num_steps
+
+    def recorded_steps(self, num_steps: int, generator: torch.Generator | None = None) -> list[int]:
+        """Grid indices of the SDE (recorded, trained) steps of a turn of ``num_steps`` steps; a window position is
+        drawn with ``generator`` (``stochastic_steps``)."""
+        return stochastic_steps(
+            self.stochastic_steps_of(num_steps), self.stochastic, self.window_size, generator
+        )
 
 
 @dataclass

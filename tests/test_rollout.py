@@ -217,3 +217,46 @@ def test_bad_batches_are_refused(policy):
         rollout(policy, _chains(1, turns=2) + _chains(1, turns=3), RolloutConfig(group_size=1, num_steps=1))
     with pytest.raises(ValueError, match="at least one chain"):
         rollout(policy, [], RolloutConfig())
+
+
+def test_a_deterministic_last_step_is_an_euler_step_and_is_not_recorded(policy):
+    """SDEConfig(deterministic_last_step=True): steps 0 .. T-2 are SDE steps (recorded, ratio exactly 1 on
+    recomputation), the last one is the Euler step x + (sigma_T - sigma_{T-1}) v, so the next turn edits a
+    noise-free image; a window is drawn among the first T - 1 steps."""
+    config = RolloutConfig(group_size=2, num_steps=3, forward_batch_size=4)
+    sde = SDEConfig(noise_level=0.9, deterministic_last_step=True)
+    result = rollout(policy, _chains(1, turns=2), config, generator=torch.Generator().manual_seed(7), sde=sde)
+    assert result.step_indices.tolist() == [0, 1] and result.log_probs.shape == (2, 2, 2)
+    for k in range(2):
+        before_last = result.next_states[
+            :, k, -1
+        ].float()  # x after the last recorded step = x before step T-1
+        velocity = policy.velocity(
+            before_last,
+            result.model_timesteps[2],
+            result.reference_latents[:, k],
+            result.text,
+            result.text_index[:, k],
+        )
+        euler = before_last + (result.sigmas[3] - result.sigmas[2]) * velocity
+        torch.testing.assert_close(result.final_latents[:, k], euler, atol=1e-6, rtol=0)
+    for batch in transition_batches(result, config.forward_batch_size):
+        log_prob = recompute_transition(policy, result, batch)[0]
+        assert torch.equal(log_prob, result.log_probs[batch.trajectories, batch.turn, batch.step])
+    stochastic = rollout(
+        policy, _chains(1, turns=2), config, generator=torch.Generator().manual_seed(7), sde=SDE
+    )
+    assert stochastic.step_indices.tolist() == [0, 1, 2]
+    assert not torch.equal(
+        stochastic.final_latents, result.final_latents
+    )  # the last SDE step added noise there
+    for seed in range(20):  # windows of 2 among the first 3 of 4 steps: start 0 or 1, never the last step
+        window = SDEConfig(stochastic="window", window_size=2, deterministic_last_step=True)
+        steps = window.recorded_steps(4, torch.Generator().manual_seed(seed))
+        assert steps in ([0, 1], [1, 2])
+    with pytest.raises(ValueError, match="no SDE step to train on"):
+        RolloutConfig(num_steps=1).check_sde(SDEConfig(deterministic_last_step=True))
+    with pytest.raises(ValueError, match="minus its deterministic last step"):
+        RolloutConfig(num_steps=3).check_sde(
+            SDEConfig(stochastic="window", window_size=3, deterministic_last_step=True)
+        )

@@ -380,3 +380,45 @@ def test_grpo_ema_adapter_follows_its_recurrence_and_is_what_gets_evaluated(
     assert final.keys() == last.keys()
     for key, value in final.items():
         assert torch.equal(value, last[key]), key
+
+
+def test_eval_scorer_judges_the_heldout_table_and_per_chain_scores_are_written(
+    tiny_kontext_path, manifest, tmp_path
+):
+    """``model.eval_scorer``: training is rewarded by ``scorer``, the held-out before/after table by
+    ``eval_scorer`` (here one that cannot score chain0001, so only the evaluation loses it); ``heldout_scores.json``
+    holds every chain's per-turn scores, and they reproduce the table's cumulative success exactly."""
+    model = {
+        "eval_scorer": {
+            "class_path": "mtflow.testing.scorers.BrightnessScorer",
+            "init_args": {"unscorable_suffixes": ["chain0001/g0"]},  # evaluation items are "<chain>/g0"
+        },
+        "evaluation": {"threshold": 3.0},  # random images score IF ~ 3 here: some turns pass, some fail
+        "max_iterations": 1,
+    }
+    config = tiny_fit_config(
+        tiny_kontext_path,
+        manifest,
+        tmp_path,
+        model=model,
+        name="evaljudge",
+        data={"val_manifest": str(manifest)},
+    )
+    config["heldout"] = {"num_chains": 4, "batch_size": 4}
+    _fit(config, tmp_path)
+    run = tmp_path / "evaljudge" / "version_0"
+    assert float(_metrics(run)[0]["reward/num_unscored"]) == 0  # the training judge scored every trajectory
+    scores = json.loads((run / "eval" / "heldout_scores.json").read_text())
+    report = json.loads((run / "eval" / "before_after.json").read_text())
+    for when in ("before", "after"):
+        ids, if_rows = scores[when]["chain_ids"], scores[when]["if"]
+        assert ids == ["chain0000", "chain0001", "chain0002", "chain0003"]
+        assert if_rows[1] == [None, None] and all(None not in row for i, row in enumerate(if_rows) if i != 1)
+        kept = [row for row in if_rows if None not in row]
+        for k in range(2):
+            passed = sum(all(v >= 3.0 for v in row[: k + 1]) for row in kept)
+            expected = 100.0 * passed / len(kept)
+            assert report[when]["conditions"]["model"]["cumulative_success"][k]["value"] == pytest.approx(
+                expected
+            )
+        assert report[when]["conditions"]["model"]["num_dropped_chains"] == 1

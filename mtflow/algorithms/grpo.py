@@ -31,6 +31,7 @@ class GRPO(Algorithm[ReferenceMeans]):
         window_size: int = 2,
         clip_eps: float = 1e-4,
         beta_kl: float = 0.0,
+        deterministic_last_step: bool = False,
     ) -> None:
         """
         Args:
@@ -39,6 +40,8 @@ class GRPO(Algorithm[ReferenceMeans]):
             window_size: W, the consecutive SDE steps of window mode.
             clip_eps: the ratio is clipped to [1 - eps, 1 + eps] (Flow-GRPO 1e-4; window mode 1e-5).
             beta_kl: weight of the Gaussian-mean KL to the frozen base (0: no reference passes).
+            deterministic_last_step: each turn's last step is an ODE step, not trained on, so the next turn edits a
+                noise-free image (as at inference) instead of one carrying the last SDE step's noise.
         """
         if not noise_level > 0:
             raise ValueError(
@@ -50,7 +53,13 @@ class GRPO(Algorithm[ReferenceMeans]):
         self.window_size = window_size
         self.clip_eps = clip_eps
         self.beta_kl = beta_kl
-        self._sde = SDEConfig(noise_level=noise_level, stochastic=stochastic, window_size=window_size)
+        self.deterministic_last_step = deterministic_last_step
+        self._sde = SDEConfig(
+            noise_level=noise_level,
+            stochastic=stochastic,
+            window_size=window_size,
+            deterministic_last_step=deterministic_last_step,
+        )
         self.loss_config = GRPOConfig(clip_eps=clip_eps, beta_kl=beta_kl)
 
     def sde(self) -> SDEConfig:

@@ -340,6 +340,7 @@ class ToyJudge:
         check_instructions: bool = True,
         cache_size: int = 65536,
         protect_earlier_edits: bool = False,
+        binary_threshold: float | None = None,
     ) -> None:
         """
         Args:
@@ -349,6 +350,8 @@ class ToyJudge:
             check_instructions: refuse to score items whose instructions differ from the ground truth's.
             cache_size: rendered ground-truth label maps kept in memory (LRU).
             protect_earlier_edits: CC also checks what earlier turns delivered (D_k); off by default (module docstring).
+            binary_threshold: report pass / fail instead of the 1-5 scale: a score >= this becomes 5, below it 1, for
+                IF and CC alike (None: the 1-5 scores; 4.0: pass at the success threshold).
         """
         if colour_tolerance <= 0:
             raise ValueError(f"colour_tolerance must be > 0, got {colour_tolerance}")
@@ -362,6 +365,11 @@ class ToyJudge:
         self.check_instructions = check_instructions
         self.cache_size = cache_size
         self.protect_earlier_edits = protect_earlier_edits
+        if binary_threshold is not None and not SCORE_MIN < binary_threshold <= SCORE_MAX:
+            raise ValueError(
+                f"binary_threshold must be in ({SCORE_MIN}, {SCORE_MAX}], got {binary_threshold}"
+            )
+        self.binary_threshold = binary_threshold
         self._specs: dict[str, RenderSpec] = {}
         self._maps: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
         self._tables: dict[bytes, np.ndarray] = {}
@@ -496,6 +504,9 @@ class ToyJudge:
                     diagnostics[i]["error"] = f"item {items[i].item_id!r}: " + "; ".join(problems)
 
         scored = ~(np.isnan(if_scores) | np.isnan(cc_scores))
+        if self.binary_threshold is not None:  # pass / fail at the threshold, on the judge's own scale ends
+            for scores in (if_scores, cc_scores):
+                scores[scored] = np.where(scores[scored] >= self.binary_threshold, SCORE_MAX, SCORE_MIN)
         if_scores[~scored] = math.nan
         cc_scores[~scored] = math.nan
         return ScoreBatch(

@@ -16,7 +16,7 @@ from mtflow.reward.base import ScoreBatch
 
 
 class EvaluationSteps:
-    """Mixed into ``FlowRLModule`` (uses its policy, scorer, eval_config, seed, rollout_config and trainer)."""
+    """Mixed into ``FlowRLModule`` (uses its policy, eval_scorer, eval_config, seed, rollout_config and trainer)."""
 
     _eval: dict[str, ConditionScores]
 
@@ -30,7 +30,7 @@ class EvaluationSteps:
                 )
             scores, items = rollout_and_score(
                 self.policy,
-                self.scorer,
+                self.eval_scorer,
                 chains,
                 condition=name,
                 adapter=None if name == "base" else self.eval_adapter,
@@ -97,7 +97,7 @@ class EvaluationSteps:
                 "pretrained": self.policy.pretrained,
                 "adapter": self.eval_adapter,
                 "iteration": self.iteration,
-                "judge": type(self.scorer).__name__,
+                "judge": type(self.eval_scorer).__name__,
                 "num_steps": self.eval_num_steps,
             },
         )

@@ -37,7 +37,6 @@ from mtflow.losses import ema_update_
 from mtflow.models.base import EMA_ADAPTER, TRAINED_ADAPTER, EditPolicy
 from mtflow.reward.base import ScoreBatch, Scorer, ScoringItem
 from mtflow.rollout import Rollout, RolloutConfig, RolloutPreview, rollout
-from mtflow.sampling import stochastic_steps
 from mtflow.seeding import resolve_seed
 from mtflow.training.evaluation_steps import EvaluationSteps, _loggable
 from mtflow.training.optim import OptimConfig
@@ -70,6 +69,7 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         overlap_scoring: bool = True,
         max_iterations: int | None = None,
         seed: int | None = None,
+        eval_scorer: Scorer | None = None,
     ) -> None:
         """
         Args:
@@ -85,9 +85,11 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
             max_iterations: stop after this many RL iterations (None: the Trainer's limits decide).
             seed: base seed of every random draw (None: the run's ``seed_everything``; the checkpoint records the
                 resolved value).
+            eval_scorer: the judge of held-out evaluation (validate, test, the before/after table of ``fit``), e.g. an
+                exact or stronger judge than the one training is rewarded by (None: ``scorer``).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["policy", "scorer"])
+        self.save_hyperparameters(ignore=["policy", "scorer", "eval_scorer"])
         # Given in Python (tests, tools) the groups are objects; LightningCLI passes its config dicts. Checkpoints and
         # hparams.yaml hold plain values either way (no unpickling of classes on load).
         for key, value in list(self.hparams.items()):
@@ -106,6 +108,7 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         algorithm.check(rollout, advantage)
         self.policy = policy
         self.scorer = scorer
+        self.eval_scorer = eval_scorer if eval_scorer is not None else scorer
         self.algorithm = algorithm
         self.rollout_config = rollout
         self.advantage_config = advantage
@@ -189,9 +192,7 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         if (
             sde is not None and sde.stochastic == "window"
         ):  # one window position for the iteration, on every rank
-            recorded = stochastic_steps(
-                self.rollout_config.num_steps, "window", sde.window_size, self.generator("window", host=True)
-            )
+            recorded = sde.recorded_steps(self.rollout_config.num_steps, self.generator("window", host=True))
         generators = [self.generator("rollout", chain.chain_id) for chain in chains]
         self.policy.eval()
         return rollout(

@@ -88,3 +88,21 @@ def test_collate_pairs_and_tensor_round_trip():
         assert np.array_equal(np.asarray(tensor_to_image(batch.source[i])), np.asarray(data[i].source))
     white = image_to_tensor(ToyWorld().render(Scene("white")))  # (245, 245, 245)
     assert torch.allclose(white, torch.full_like(white, 245 / 127.5 - 1))
+
+
+def test_single_turn_training_chains_keep_three_turn_heldout_chains():
+    """``train_num_turns=1``: the single-turn RL baseline trains on single edits of the same training split, and is
+    evaluated on the same K-turn held-out chains as the multi-turn job."""
+    from mtflow.toy.module import ToyDataModule
+
+    single = ToyDataModule(num_train_chains=8, num_heldout_chains=4, train_num_turns=1)
+    multi = ToyDataModule(num_train_chains=8, num_heldout_chains=4)
+    single.setup("fit")
+    multi.setup("fit")
+    assert {single.sources["train"][i].num_turns for i in range(8)} == {1}
+    assert {multi.sources["train"][i].num_turns for i in range(8)} == {3}
+    for i in range(4):
+        a, b = single.sources["val"][i], multi.sources["val"][i]
+        assert a.chain_id == b.chain_id and a.instructions == b.instructions and a.num_turns == 3
+    with pytest.raises(ValueError, match="train_num_turns"):
+        ToyDataModule(train_num_turns=0)

@@ -13,7 +13,8 @@ from mtflow.training.callbacks.rundir import run_dir
 class HeldOutEvaluation(L.Callback):
     """Evaluate held-out chains before RL (the prior) and after it, and print the per-turn before/after table
     (cumulative success C_k, consistency CC_k, overall O_k, marginal M_k). Writes ``<run>/eval/``:
-    ``before_after.json``, ``before_after.md`` and the report of the trained model (``report.json`` ...)."""
+    ``before_after.json``, ``before_after.md``, ``heldout_scores.json`` (every chain's per-turn IF / CC before and
+    after, for paired comparisons between runs) and the report of the trained model (``report.json`` ...)."""
 
     def __init__(self, num_chains: int = 64, batch_size: int = 32, enabled: bool = True) -> None:
         """
@@ -26,6 +27,7 @@ class HeldOutEvaluation(L.Callback):
         self.batch_size = batch_size
         self.enabled = enabled
         self.before: dict[str, Any] | None = None
+        self.before_scores: dict[str, Any] | None = None
 
     def _evaluate(self, trainer, pl_module, label: str):
         from mtflow.eval.evaluate import evaluate_chains
@@ -38,7 +40,7 @@ class HeldOutEvaluation(L.Callback):
         pl_module.policy.eval()
         report, raw = evaluate_chains(
             pl_module.policy,
-            pl_module.scorer,
+            pl_module.eval_scorer,
             chains,
             conditions=["model"],
             model_adapter=pl_module.eval_adapter,
@@ -61,6 +63,7 @@ class HeldOutEvaluation(L.Callback):
         if result is None:
             return
         self.before = result[0].to_dict()
+        self.before_scores = per_chain_scores(result[1]["model"])
         if trainer.is_global_zero:
             from mtflow.eval.evaluate import turn_table
             from mtflow.eval.report import EvalReport
@@ -87,6 +90,9 @@ class HeldOutEvaluation(L.Callback):
         (folder / "before_after.json").write_text(
             json.dumps({"before": before.to_dict(), "after": after.to_dict()}, indent=2, allow_nan=False)
         )
+        if self.before_scores is not None:
+            scores = {"before": self.before_scores, "after": per_chain_scores(raw["model"])}
+            (folder / "heldout_scores.json").write_text(json.dumps(scores, allow_nan=False))
         # the run-folder contract: <run>/eval/report.json, and chains.png captioned with per-turn scores
         model = raw["model"]
         write_report(folder, after, grid_items=model.items, grid_scores=model.item_scores())
@@ -94,7 +100,26 @@ class HeldOutEvaluation(L.Callback):
         print(f"(written to {folder})")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"before": self.before}
+        return {"before": self.before, "before_scores": self.before_scores}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.before = state_dict.get("before")
+        self.before_scores = state_dict.get("before_scores")
+
+
+def per_chain_scores(condition) -> dict[str, Any]:
+    """A condition's raw scores as JSON-ready lists: ``chain_ids`` [N], ``if`` / ``cc`` [N][K] (None where the judge
+    could not score)."""
+    scores = condition.scores
+
+    def rows(values) -> list[list[float | None]]:
+        return [
+            [float(v) if ok else None for v, ok in zip(row, row_ok)]
+            for row, row_ok in zip(values.tolist(), scores.scored.tolist())
+        ]
+
+    return {
+        "chain_ids": list(condition.chain_ids),
+        "if": rows(scores.instruction_following),
+        "cc": rows(scores.content_consistency),
+    }
