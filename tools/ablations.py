@@ -111,7 +111,14 @@ def report(args: argparse.Namespace) -> int:
     missing = [(a.name, c.label) for a in ABLATIONS for c in a.cells if len(found.get(c, {})) < 3]
     if missing:
         print(f"cells with fewer than 3 completed seeds (reported as they are): {missing}", file=sys.stderr)
-    path = write_report(found, args.out, args.figures, rng=np.random.default_rng(0), bootstrap=args.bootstrap)
+    path = write_report(
+        found,
+        args.out,
+        args.figures,
+        rng=np.random.default_rng(0),
+        bootstrap=args.bootstrap,
+        judge_cache=args.root / "judge_errors.json",
+    )
     print(f"wrote {path}")
     return 0
 
