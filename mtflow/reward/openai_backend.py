@@ -216,9 +216,9 @@ class OpenAIBackend(JudgeBackend):
         return await asyncio.gather(*coroutines, return_exceptions=True)
 
     def _run_all(self, prompts: Sequence[JudgePrompt], **kwargs: Any) -> list[Any]:
+        deadline = time.monotonic() + self.deadline_s  # starting the client (first call) counts too
         runner = self._ensure_started()
         encoded: dict[int, str] = {}
-        deadline = time.monotonic() + self.deadline_s
         calls = [self._create(self.to_messages(p, encoded), deadline, **kwargs) for p in prompts]
         return runner.run(self._gather(calls))
 

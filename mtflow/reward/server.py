@@ -258,9 +258,13 @@ def create_app(
     async def invalid_request(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
         # FastAPI's default handler echoes the offending input: megabytes of base64, or undecodable bytes.
         # Location and message are what the caller needs.
+        errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            reason = (errors[0].get("ctx") or {}).get("error", "invalid JSON")
+            return SafeJSONResponse({"detail": f"the body is not valid JSON: {reason}"}, status_code=400)
         problems = [
             f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
-            for error in exc.errors()[:20]
+            for error in errors[:20]
         ]
         return SafeJSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=422)
 

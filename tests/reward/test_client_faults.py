@@ -113,7 +113,7 @@ def test_slow_server_past_the_deadline(plan):
     with pytest.raises(ScorerUnavailableError, match="deadline of 1 s passed") as error:
         client(server.url, deadline_s=1.0).score(make_items(1))
     assert time.monotonic() - start < 2.5
-    assert "ReadTimeout" in str(error.value)
+    assert "no complete answer within" in str(error.value)
 
 
 def test_slow_attempt_is_retried_within_the_deadline(plan):

@@ -34,7 +34,7 @@ def endpoint(tiny_backend, vocab_size):
 
 
 def make_backend(url: str, **kwargs) -> OpenAIBackend:
-    defaults = {"model": SERVED_NAME, "max_concurrency": 4, "timeout_s": 60.0, "backoff_s": 0.01, "seed": 0}
+    defaults = {"model": SERVED_NAME, "max_concurrency": 4, "timeout_s": 60.0}
     return OpenAIBackend(base_url=f"{url}/v1", **{**defaults, **kwargs})
 
 
