@@ -279,13 +279,14 @@ def create_scripted_openai_app(
     app = FastAPI(title="mtflow scripted OpenAI-compatible judge")
     app.state.received = deque(maxlen=100_000)
     app.state.peak_concurrency = 0
+    app.state.api_key = api_key  # tests may change it while the server runs
     slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
     active = [0]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> JSONResponse:
         authorization = request.headers.get("authorization")
-        if api_key is not None and authorization != f"Bearer {api_key}":
+        if app.state.api_key is not None and authorization != f"Bearer {app.state.api_key}":
             return _error(401, "Incorrect API key provided.", "AuthenticationError")
         try:
             body = await request.json()
@@ -333,6 +334,11 @@ def create_scripted_openai_app(
             "object": "list",
             "data": [{"id": served_model_name, "object": "model", "owned_by": "mtflow"}],
         }
+
+    @app.get("/stats")
+    def stats() -> dict[str, Any]:
+        """Requests received and the most served at once (what tests and benchmarks check)."""
+        return {"received": len(app.state.received), "peak_concurrency": app.state.peak_concurrency}
 
     return app
 
