@@ -57,10 +57,26 @@ class ItemPayload(BaseModel):
         return self
 
 
+_EXAMPLE_SOURCE = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8UaHBwMDAxMDAwMDAAAARqgFsecZ2JgAAAABJRU5ErkJggg=="
+_EXAMPLE_OUTPUT = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGOMWnCHgYGBiYGBgYGBAQAVsAHan+TOvgAAAABJRU5ErkJggg=="
+_EXAMPLE = {
+    "items": [
+        {
+            "item_id": "chain0/g0",
+            "chain_id": "chain0",
+            "source": _EXAMPLE_SOURCE,
+            "outputs": [_EXAMPLE_OUTPUT],
+            "instructions": ["make the square blue"],
+            "metadata": {},
+        }
+    ]
+}
+
+
 class ScoreRequest(BaseModel):
     """Body of ``POST /v1/score``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE]})
     items: list[ItemPayload] = Field(min_length=1)
 
 

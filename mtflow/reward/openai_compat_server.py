@@ -221,6 +221,22 @@ def create_openai_compat_app(
     return app
 
 
+def _count_images(messages: Any) -> int:
+    """The number of base64 PNG image parts in OpenAI chat ``messages`` (the scripted judge never decodes them)."""
+    if not isinstance(messages, list) or not messages:
+        raise _RequestError(400, "messages must be a non-empty list")
+    count = 0
+    for m, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for p, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url")
+                if not isinstance(url, str) or not url.startswith("data:image/png;base64,"):
+                    raise _RequestError(400, f"messages[{m}].content[{p}]: only PNG data URLs are supported")
+                count += 1
+    return count
+
+
 def scripted_answer(
     messages: list[dict[str, Any]], want_logprobs: bool, top_logprobs: int
 ) -> tuple[str, Any]:
@@ -290,16 +306,14 @@ def create_scripted_openai_app(
             return _error(401, "Incorrect API key provided.", "AuthenticationError")
         try:
             body = await request.json()
-            messages, images = _convert_messages(body.get("messages") if isinstance(body, dict) else None)
+            images = _count_images(body.get("messages") if isinstance(body, dict) else None)
         except _RequestError as exc:
             return _error(exc.status, str(exc), exc.kind)
         except ValueError as exc:
             return _error(400, f"invalid JSON: {exc}", "BadRequestError")
         if body.get("model") != served_model_name:
             return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
-        app.state.received.append(
-            {"authorization": authorization, "images": len(images), "time": time.time()}
-        )
+        app.state.received.append({"authorization": authorization, "images": images, "time": time.time()})
         async with slots if slots is not None else contextlib.nullcontext():
             active[0] += 1
             app.state.peak_concurrency = max(app.state.peak_concurrency, active[0])
