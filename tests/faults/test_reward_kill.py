@@ -107,6 +107,7 @@ def test_the_only_reward_server_dies_mid_request(scripted_judge, tmp_path):
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.slow
 def test_one_of_two_reward_servers_dies(scripted_judge, reference_judge, tmp_path):
     server, _ = scripted_judge
     config = {"scorer": openai_judge_config(f"{server.url}/v1"), "max_wait_ms": 5.0}
@@ -131,6 +132,7 @@ def test_one_of_two_reward_servers_dies(scripted_judge, reference_judge, tmp_pat
     )  # the victim served, then died
 
 
+@pytest.mark.slow
 def test_one_of_two_judge_endpoints_dies(reference_judge, tmp_path):
     items = make_items(64, seed=42)
     reference = reference_judge.score(items)
