@@ -195,9 +195,33 @@ class GuardMiddleware:
             )
             return
         held = 0
+
+        async def hold(total: int) -> bool:
+            """Hold ``total`` bytes of the body budget (waiting in its queue); False after answering 503."""
+            nonlocal held, reading_deadline
+            waited = time.monotonic()
+            try:
+                await self.body_budget.acquire(total - held, self.queue_wait_s)
+            except BudgetBusyError as exc:
+                headers = {"retry-after": str(RETRY_AFTER_S), "connection": "close"}
+                await self._reply(send, 503, f"service saturated: {exc}", headers)
+                return False
+            held = total
+            reading_deadline += time.monotonic() - waited  # the wait is ours, not the client's
+            return True
+
         try:
             chunks, size = [], 0
             reading_deadline = time.monotonic() + self.body_timeout_s
+            # a declared length is held at once: bodies half-held while they wait for the rest could block
+            # each other until the queue timeout
+            if (
+                declared is not None
+                and declared.isdigit()
+                and int(declared) > 0
+                and not await hold(int(declared))
+            ):
+                return
             while True:
                 try:
                     message = await asyncio.wait_for(receive(), max(0.0, reading_deadline - time.monotonic()))
@@ -221,21 +245,9 @@ class GuardMiddleware:
                         {"connection": "close"},
                     )
                     return
+                if size > held and not await hold(size):
+                    return
                 if chunk:
-                    waited = time.monotonic()
-                    try:
-                        await self.body_budget.acquire(len(chunk), self.queue_wait_s)
-                    except BudgetBusyError as exc:
-                        await self._reply(
-                            send,
-                            503,
-                            f"service saturated: {exc}",
-                            {"retry-after": str(RETRY_AFTER_S), "connection": "close"},
-                        )
-                        return
-                    held += len(chunk)
-                    # time spent waiting for the budget is ours, not the client's
-                    reading_deadline += time.monotonic() - waited
                     chunks.append(chunk)
                 if not message.get("more_body", False):
                     break

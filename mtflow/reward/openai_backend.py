@@ -209,7 +209,9 @@ class OpenAIBackend(JudgeBackend):
                 self.pool.finished(endpoint, None)
                 return response
         if not errors:
-            errors.append(f"no answer from {self.base_url} within the deadline of {self.deadline_s:g} s")
+            errors.append(
+                f"{self.base_url}: no answer within the deadline of {self.deadline_s:g} s (not sent)"
+            )
         raise _PromptFailed("; ".join(errors))
 
     async def _gather(self, coroutines: list[Coroutine]) -> list[Any]:
