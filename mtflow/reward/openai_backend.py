@@ -25,6 +25,8 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+import openai  # at import, not in the first call: importing it can take seconds, which no deadline should pay
+
 from mtflow.reward.backends import CandidateLogprobs, Generation, JudgeBackend, logsumexp
 from mtflow.reward.endpoints import EndpointPool, LoopThread, as_url_list
 from mtflow.reward.prompts import JudgePrompt
@@ -110,8 +112,6 @@ class OpenAIBackend(JudgeBackend):
     def _ensure_started(self) -> LoopThread:
         with self._lock:
             if self._runner is None:
-                import openai
-
                 runner = LoopThread("openai-judge")
 
                 async def make_clients() -> dict[str, Any]:
@@ -153,8 +153,6 @@ class OpenAIBackend(JudgeBackend):
         return [{"role": "system", "content": prompt.system}, {"role": "user", "content": content}]
 
     def _explain(self, url: str, exc: BaseException) -> str:
-        import openai
-
         where = f"POST {url}/chat/completions ({self.model})"
         if isinstance(exc, openai.AuthenticationError):
             if self._api_key is None:
@@ -165,8 +163,6 @@ class OpenAIBackend(JudgeBackend):
 
     async def _create(self, messages: list[dict[str, Any]], deadline: float, **kwargs: Any) -> Any:
         """One prompt: an endpoint that is up, failing over to the others; raises ``_PromptFailed``."""
-        import openai
-
         assert self._semaphore is not None
         failover = (
             openai.APIConnectionError,
@@ -214,15 +210,24 @@ class OpenAIBackend(JudgeBackend):
             )
         raise _PromptFailed("; ".join(errors))
 
-    async def _gather(self, coroutines: list[Coroutine]) -> list[Any]:
-        return await asyncio.gather(*coroutines, return_exceptions=True)
+    async def _gather(self, coroutines: list[Coroutine], deadline: float) -> list[Any]:
+        """Every prompt's response or exception; at the deadline the unfinished ones are cancelled and reported
+        at once (their cancellation finishes on the loop, after the call has returned)."""
+        tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+        if not tasks:
+            return []
+        done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        for task in pending:
+            task.cancel()
+        late = _PromptFailed(f"{self.base_url}: no answer within the deadline of {self.deadline_s:g} s")
+        return [(task.exception() or task.result()) if task in done else late for task in tasks]
 
     def _run_all(self, prompts: Sequence[JudgePrompt], **kwargs: Any) -> list[Any]:
         deadline = time.monotonic() + self.deadline_s  # starting the client (first call) counts too
         runner = self._ensure_started()
         encoded: dict[int, str] = {}
         calls = [self._create(self.to_messages(p, encoded), deadline, **kwargs) for p in prompts]
-        return runner.run(self._gather(calls))
+        return runner.run(self._gather(calls, deadline))
 
     def generate(self, prompts: Sequence[JudgePrompt], max_new_tokens: int) -> list[Generation]:
         results = []
