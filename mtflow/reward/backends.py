@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ class TransformersBackend(JudgeBackend):
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         self.model = AutoModelForImageTextToText.from_pretrained(model, **kwargs).to(self.device).eval()
+        # the reward service calls scorers from several threads; one model runs one batch at a time
+        self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -185,7 +188,8 @@ class TransformersBackend(JudgeBackend):
         for chunk in self._chunks(prompts):
             try:
                 inputs = self.encode(chunk)
-                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+                with self._lock:
+                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
                 logprobs = torch.log_softmax(logits, dim=-1)[:, token_ids]
                 results += [CandidateLogprobs(row) for row in logprobs.cpu().tolist()]
             except Exception as exc:  # one failing chunk must not lose the others' scores
@@ -199,7 +203,8 @@ class TransformersBackend(JudgeBackend):
         for chunk in self._chunks(prompts):
             try:
                 inputs = self.encode(chunk)
-                sequences = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                with self._lock:
+                    sequences = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
                 new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
                 texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
                 results += [Generation(text) for text in texts]

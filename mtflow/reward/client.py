@@ -1,18 +1,23 @@
-"""``RemoteScorer``: the ``Scorer`` interface over HTTP, talking to ``mtflow.reward.server``.
+"""``RemoteScorer``: the ``Scorer`` interface over HTTP, talking to one or several ``mtflow.reward.server``\\ s.
 
-Each call has a deadline. Connection failures, timeouts, 429/5xx and a server dying mid-request are retried
-with exponential backoff and jitter, up to ``max_retries`` times and never past the deadline. If the server
-stays unreachable the call raises ``ScorerUnavailableError`` naming the URL, the attempts and the last cause
-(or, with ``on_unavailable="flag"``, returns the items unscored with that reason). A request the server
-rejects as malformed (4xx) flags its items with the server's explanation; a rejected token raises. No score is
-ever filled in: every unscored turn is NaN with ``scored`` False.
+Each ``score`` call has a real deadline: every attempt runs under an overall timeout (sending, waiting and
+reading the answer, however slowly the server trickles it), so the whole call returns within ``deadline_s``.
+Large calls are split into requests of ``max_items_per_request`` trajectories, sent concurrently and spread over
+the endpoints that are up (``mtflow.reward.endpoints``); a dead endpoint is skipped and tried again later.
+Connection failures, timeouts, 408/425/429/5xx and a server dying mid-request are retried, on another endpoint
+when one is up, up to ``max_retries`` times per request and never past the deadline; Retry-After is honoured.
+A request the server finds too large (413) is split in two and sent again. If no endpoint answers the call
+raises ``ScorerUnavailableError`` naming the URLs, the attempts and the last cause (or, with
+``on_unavailable="flag"``, returns those items unscored with that reason). A request the server rejects as
+malformed (other 4xx) flags its items with the server's explanation; a rejected token raises. No score is ever
+filled in: every unscored turn is NaN with ``scored`` False.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -22,6 +27,7 @@ from typing import Any, Literal
 import httpx
 
 from mtflow.reward.base import ScoreBatch, ScorerUnavailableError, ScoringItem
+from mtflow.reward.endpoints import EndpointPool, LoopThread, as_url_list, retry_after_seconds
 from mtflow.reward.wire import WireFormatError, check_same_turns, item_to_json, score_batch_from_json
 
 log = logging.getLogger(__name__)
@@ -34,11 +40,11 @@ class _Unavailable(Exception):
 
 
 class RemoteScorer:
-    """Scores trajectories through a remote reward server (``POST {url}/v1/score``)."""
+    """Scores trajectories through remote reward servers (``POST {url}/v1/score``)."""
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         token: str | None = None,
         token_env: str | None = None,
         deadline_s: float = 600.0,
@@ -48,26 +54,28 @@ class RemoteScorer:
         request_timeout_s: float | None = None,
         connect_timeout_s: float = 10.0,
         max_items_per_request: int = 64,
+        max_concurrent_requests: int = 4,
         image_max_side: int | None = None,
         on_unavailable: Literal["raise", "flag"] = "raise",
         seed: int | None = None,
     ) -> None:
         """
         Args:
-            url: server root, e.g. ``http://127.0.0.1:8000``.
-            token: bearer token the server expects; None sends none.
+            url: server root, e.g. ``http://127.0.0.1:8000``, or a list of equivalent servers to spread over.
+            token: bearer token the servers expect; None sends none.
             token_env: read the token from this environment variable instead (keeps it out of configs).
-            deadline_s: wall-time budget of one ``score`` call in seconds, retries included.
-            max_retries: retries of one request after a transport error, timeout, 429 or 5xx.
-            backoff_s: first retry delay in seconds; doubles per retry, with jitter in [0.5, 1] of it.
-            backoff_max_s: cap on one retry delay in seconds.
-            request_timeout_s: per-attempt read timeout; None lets one attempt use the rest of the deadline.
-            connect_timeout_s: per-attempt connect timeout in seconds.
+            deadline_s: wall-time bound of one ``score`` call in seconds: retries, slow answers, everything.
+            max_retries: retries of one request after a transport error, timeout, 408/425/429 or 5xx.
+            backoff_s: how long a failed endpoint rests first, in seconds; doubles per consecutive failure (jitter).
+            backoff_max_s: cap on one rest in seconds.
+            request_timeout_s: overall bound of one attempt; None lets one attempt use the rest of the deadline.
+            connect_timeout_s: connect timeout of one attempt in seconds.
             max_items_per_request: split larger calls into requests of this many trajectories.
+            max_concurrent_requests: requests of one call in flight at once (spread over the endpoints).
             image_max_side: downscale images to this longer side before sending; None sends them as they are.
-            on_unavailable: ``raise`` ScorerUnavailableError, or ``flag`` every item unscored, when the server
-                cannot be reached.
-            seed: seed of the retry jitter.
+            on_unavailable: ``raise`` ScorerUnavailableError, or ``flag`` the items unscored, when no endpoint
+                answers.
+            seed: seed of the backoff jitter.
         """
         if token_env is not None:
             if token_env not in os.environ:
@@ -77,71 +85,112 @@ class RemoteScorer:
             raise ValueError(f"on_unavailable must be 'raise' or 'flag', got {on_unavailable!r}")
         if max_items_per_request < 1:
             raise ValueError(f"max_items_per_request must be >= 1, got {max_items_per_request}")
-        self.url = url.rstrip("/")
-        self.endpoint = f"{self.url}/v1/score"
+        if max_concurrent_requests < 1:
+            raise ValueError(f"max_concurrent_requests must be >= 1, got {max_concurrent_requests}")
+        self.urls = as_url_list(url, "RemoteScorer")
+        self.url = self.urls[0] if len(self.urls) == 1 else ", ".join(self.urls)
+        self.endpoint = f"{self.urls[0]}/v1/score"
         self.token = token
         self.deadline_s = deadline_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_items_per_request = max_items_per_request
+        self.max_concurrent_requests = max_concurrent_requests
         self.image_max_side = image_max_side
         self.on_unavailable = on_unavailable
-        self._random = random.Random(seed)
-        self._client: httpx.Client | None = None
+        self.pool = EndpointPool(self.urls, backoff_s, backoff_max_s, seed)
+        self._runner: LoopThread | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy gets its own loop and connections
+        state = dict(self.__dict__)
+        state.update(_runner=None, _client=None, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         return {"scorer": "RemoteScorer", "backend": "http", "url": self.url}
 
-    def _http(self) -> httpx.Client:
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _ensure_started(self) -> LoopThread:
         with self._lock:
-            if self._client is None:
-                headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-                # Without TCP_NODELAY, headers and body leave as two small segments and Nagle's algorithm
-                # meets the server's delayed ACK: about 40 ms of idle time on every request.
-                transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-                self._client = httpx.Client(headers=headers, transport=transport)
-            return self._client
+            if self._runner is None:
+                runner = LoopThread("remote-scorer")
+
+                async def make_client() -> httpx.AsyncClient:
+                    # Without TCP_NODELAY, headers and body leave as two small segments and Nagle's algorithm
+                    # meets the server's delayed ACK: about 40 ms of idle time on every request.
+                    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+                    transport = httpx.AsyncHTTPTransport(socket_options=options)
+                    return httpx.AsyncClient(headers=self._headers(), transport=transport)
+
+                self._client = runner.run(make_client())
+                self._runner = runner
+            return self._runner
 
     def close(self) -> None:
         with self._lock:
-            if self._client is not None:
-                self._client.close()
+            if self._runner is not None:
+                if self._client is not None:
+                    self._runner.run(self._client.aclose())
+                self._runner.stop()
+                self._runner = None
                 self._client = None
 
     def health(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        """The server's ``/health`` JSON (raises ``ScorerUnavailableError`` if it cannot be fetched)."""
-        try:
-            response = self._http().get(f"{self.url}/health", timeout=timeout_s)
-            response.raise_for_status()
-            return response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise ScorerUnavailableError(
-                f"GET {self.url}/health failed: {type(exc).__name__}: {exc}"
-            ) from exc
+        """The ``/health`` JSON of the first endpoint that answers (``ScorerUnavailableError`` if none does)."""
+        errors = []
+        for url in self.urls:
+            try:
+                response = httpx.get(f"{url}/health", headers=self._headers(), timeout=timeout_s)
+                response.raise_for_status()
+                return response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                errors.append(f"GET {url}/health failed: {type(exc).__name__}: {exc}")
+        raise ScorerUnavailableError("; ".join(errors))
 
     def score(self, items: Sequence[ScoringItem]) -> ScoreBatch:
         start = time.monotonic()
         num_turns = check_same_turns(items, f"RemoteScorer({self.url})")
-        deadline = start + self.deadline_s
+        runner = self._ensure_started()
+        chunks = [
+            list(items[first : first + self.max_items_per_request])
+            for first in range(0, len(items), self.max_items_per_request)
+        ]
+        results = runner.run(self._score_all(chunks, num_turns, start + self.deadline_s))
         batches = []
-        for first in range(0, len(items), self.max_items_per_request):
-            chunk = list(items[first : first + self.max_items_per_request])
-            try:
-                batches.append(self._score_chunk(chunk, num_turns, deadline))
-            except _Unavailable as exc:
-                message = f"reward server {self.endpoint} unavailable: {exc}"
+        for chunk, result in zip(chunks, results):
+            if isinstance(result, _Unavailable):
+                message = f"reward server {self._where()} unavailable: {result}"
                 if self.on_unavailable == "raise":
                     raise ScorerUnavailableError(message) from None
-                log.error("%s; flagging %d items unscored", message, len(items) - first)
-                batches.append(self._flagged(items[first:], num_turns, message))
-                break
-        result = ScoreBatch.concat(batches)
-        result.latency_s = time.monotonic() - start
-        return result
+                log.error("%s; flagging %d items unscored", message, len(chunk))
+                result = self._flagged(chunk, num_turns, message)
+            elif isinstance(result, BaseException):
+                raise result
+            batches.append(result)
+        batch = ScoreBatch.concat(batches)
+        batch.latency_s = time.monotonic() - start
+        return batch
+
+    def _where(self) -> str:
+        return ", ".join(f"{url}/v1/score" for url in self.urls)
+
+    async def _score_all(self, chunks: list[list[ScoringItem]], num_turns: int, deadline: float) -> list[Any]:
+        slots = asyncio.Semaphore(self.max_concurrent_requests)
+
+        async def one(chunk: list[ScoringItem]) -> ScoreBatch:
+            async with slots:
+                return await self._score_chunk(chunk, num_turns, deadline)
+
+        return await asyncio.gather(*(one(chunk) for chunk in chunks), return_exceptions=True)
 
     @staticmethod
     def _flagged(items: Sequence[ScoringItem], num_turns: int, reason: str) -> ScoreBatch:
@@ -150,53 +199,74 @@ class RemoteScorer:
             diagnostic["item_id"] = item.item_id
         return batch
 
-    def _delay(self, attempt: int) -> float:
-        return min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * self._random.uniform(0.5, 1.0)
-
-    def _score_chunk(self, items: list[ScoringItem], num_turns: int, deadline: float) -> ScoreBatch:
+    async def _score_chunk(self, items: list[ScoringItem], num_turns: int, deadline: float) -> ScoreBatch:
+        assert self._client is not None
         body = {"items": [item_to_json(item, self.image_max_side) for item in items]}
         attempts = 0
         last_error = "no attempt was made"
         while True:
+            endpoint, wait = self.pool.pick()  # type: ignore[misc]
             remaining = deadline - time.monotonic()
+            if wait > 0:  # every endpoint is resting: wait for the first to come back
+                if wait >= remaining:
+                    await asyncio.sleep(max(0.0, remaining))
+                    raise _Unavailable(
+                        f"deadline of {self.deadline_s:g} s passed after {attempts} attempt(s); last error: {last_error}"
+                    )
+                await asyncio.sleep(wait)
+                remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _Unavailable(
                     f"deadline of {self.deadline_s:g} s passed after {attempts} attempt(s); last error: {last_error}"
                 )
-            read_timeout = (
-                remaining if self.request_timeout_s is None else min(self.request_timeout_s, remaining)
-            )
-            timeout = httpx.Timeout(read_timeout, connect=min(self.connect_timeout_s, read_timeout))
+            budget = remaining if self.request_timeout_s is None else min(self.request_timeout_s, remaining)
+            timeout = httpx.Timeout(budget, connect=min(self.connect_timeout_s, budget))
+            url = f"{endpoint.url}/v1/score"
             attempts += 1
+            retry_after = None
+            self.pool.started(endpoint)
             try:
-                response = self._http().post(self.endpoint, json=body, timeout=timeout)
-            except httpx.TimeoutException as exc:
-                last_error = f"{type(exc).__name__} after {read_timeout:.3g} s"
+                # wait_for bounds the whole exchange; httpx's own timeout only bounds each read
+                response = await asyncio.wait_for(self._client.post(url, json=body, timeout=timeout), budget)
+            except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+                last_error = f"{url}: no complete answer within {budget:.3g} s ({type(exc).__name__})"
             except httpx.TransportError as exc:  # refused, reset, server died mid-request
-                last_error = f"{type(exc).__name__}: {exc}"
+                last_error = f"{url}: {type(exc).__name__}: {exc}"
             else:
-                if response.status_code == 200:
-                    return self._parse(response, items, num_turns)
-                detail = _detail(response)
-                if response.status_code in (401, 403):
-                    raise ScorerUnavailableError(
-                        f"reward server {self.endpoint} refused the credentials: HTTP {response.status_code} {detail}"
-                    )
-                if response.status_code not in _RETRY_STATUSES:
-                    reason = f"reward server {self.endpoint} rejected the request: HTTP {response.status_code} {detail}"
+                status, detail = response.status_code, _detail(response)
+                if status == 200:
+                    self.pool.finished(endpoint, None)
+                    return self._parse(response, url, items, num_turns)
+                if status not in _RETRY_STATUSES:
+                    self.pool.finished(endpoint, None)  # the endpoint is up; the request is the problem
+                    if status in (401, 403):
+                        raise ScorerUnavailableError(
+                            f"reward server {url} refused the credentials: HTTP {status} {detail}"
+                        )
+                    if status == 413 and len(items) > 1:
+                        log.warning(
+                            "%s: HTTP 413 (%s); sending the %d items in two requests", url, detail, len(items)
+                        )
+                        half = len(items) // 2
+                        parts = await asyncio.gather(
+                            self._score_chunk(items[:half], num_turns, deadline),
+                            self._score_chunk(items[half:], num_turns, deadline),
+                        )
+                        return ScoreBatch.concat(parts)
+                    reason = f"reward server {url} rejected the request: HTTP {status} {detail}"
                     log.error("%s (%d items flagged unscored)", reason, len(items))
                     return self._flagged(items, num_turns, reason)
-                last_error = f"HTTP {response.status_code}: {detail}"
+                last_error = f"{url}: HTTP {status}: {detail}"
+                retry_after = retry_after_seconds(response.headers.get("retry-after"))
+            self.pool.finished(endpoint, last_error, retry_after)
             if attempts > self.max_retries:
                 raise _Unavailable(f"gave up after {attempts} attempt(s); last error: {last_error}")
-            delay = self._delay(attempts)
-            log.warning(
-                "%s attempt %d failed (%s); retrying in %.2f s", self.endpoint, attempts, last_error, delay
-            )
-            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+            log.warning("attempt %d failed (%s); retrying", attempts, last_error)
 
-    def _parse(self, response: httpx.Response, items: list[ScoringItem], num_turns: int) -> ScoreBatch:
-        source = f"reward server {self.endpoint}"
+    def _parse(
+        self, response: httpx.Response, url: str, items: list[ScoringItem], num_turns: int
+    ) -> ScoreBatch:
+        source = f"reward server {url}"
         try:
             batch = score_batch_from_json(response.json(), len(items), num_turns, source)
         except (ValueError, WireFormatError) as exc:

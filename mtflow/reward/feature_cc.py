@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -60,6 +61,7 @@ class FeatureSimilarityCC(TurnScorer):
         self.batch_size = batch_size
         self.processor = AutoImageProcessor.from_pretrained(model)
         self.model = AutoModel.from_pretrained(model, dtype=DTYPES[dtype]).to(self.device).eval()
+        self._lock = threading.Lock()  # the reward service calls scorers from several threads
 
     def describe(self) -> dict[str, Any]:
         return {"scorer": "FeatureSimilarityCC", "model": self.model_name, "reference": self.reference}
@@ -72,7 +74,8 @@ class FeatureSimilarityCC(TurnScorer):
             chunk = [image.convert("RGB") for image in images[start : start + self.batch_size]]
             inputs = self.processor(images=chunk, return_tensors="pt").to(self.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-            output = self.model(**inputs)
+            with self._lock:
+                output = self.model(**inputs)
             if self.pooling == "pooler" and getattr(output, "pooler_output", None) is not None:
                 pooled = output.pooler_output
             elif self.pooling == "mean":

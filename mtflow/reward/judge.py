@@ -94,6 +94,7 @@ class VLMJudge:
         cc_scorer: TurnScorer | None = None,
         max_new_tokens: int = 1024,
         min_digit_mass: float = 0.0,
+        criteria_together: bool = True,
     ) -> None:
         """
         Args:
@@ -104,6 +105,8 @@ class VLMJudge:
             cc_scorer: CC from this scorer (e.g. ``FeatureSimilarityCC``); None asks the judge's preservation prompt.
             max_new_tokens: answer budget in thinking mode.
             min_digit_mass: non-thinking turns whose digits hold less first-token probability are unscored.
+            criteria_together: send a trajectory's IF and CC prompts to the backend in one call, so a
+                continuously batching server (vLLM) sees them at once; False sends IF, then CC.
         """
         if mode not in ("thinking", "non_thinking"):
             raise ValueError(f"mode must be 'thinking' or 'non_thinking', got {mode!r}")
@@ -118,6 +121,7 @@ class VLMJudge:
         self.cc_scorer = cc_scorer
         self.max_new_tokens = max_new_tokens
         self.min_digit_mass = min_digit_mass
+        self.criteria_together = criteria_together
         low, high = score_range(scale)
         self.candidates = [str(v) for v in range(low, high + 1)]
         self.candidate_values = torch.tensor([self.to_judge_scale(v) for v in range(low, high + 1)])
@@ -125,6 +129,13 @@ class VLMJudge:
     def to_judge_scale(self, answer: float) -> float:
         """Map an answer of the asked scale to the shared 1-5 scale (binary 0/1 -> 1/5)."""
         return answer if self.scale == "likert" else 1.0 + 4.0 * answer
+
+    @property
+    def input_max_side(self) -> int | None:
+        """The longer side every image is downscaled to before the judge sees it (``wire.resize_to_max_side``), so
+        the reward service may downscale earlier without changing a score; None when unknown."""
+        side = getattr(self.backend, "image_max_side", None)
+        return side if self.cc_scorer is None and isinstance(side, int) else None
 
     def describe(self) -> dict[str, Any]:
         cc = "vlm" if self.cc_scorer is None else self.cc_scorer.describe()
@@ -140,10 +151,15 @@ class VLMJudge:
     def score(self, items: Sequence[ScoringItem]) -> ScoreBatch:
         start = time.perf_counter()
         num_turns = check_same_turns(items, "VLMJudge")
-        instruction_following, if_prompts, if_errors = self.score_criterion("if", items, num_turns)
-        if self.cc_scorer is None:
+        if self.cc_scorer is None and self.criteria_together:
+            (instruction_following, if_prompts, if_errors), (content_consistency, cc_prompts, cc_errors) = (
+                self.score_criteria(["if", "cc"], items, num_turns)
+            )
+        elif self.cc_scorer is None:
+            instruction_following, if_prompts, if_errors = self.score_criterion("if", items, num_turns)
             content_consistency, cc_prompts, cc_errors = self.score_criterion("cc", items, num_turns)
         else:
+            instruction_following, if_prompts, if_errors = self.score_criterion("if", items, num_turns)
             content_consistency, cc_prompts, cc_errors = self.cc_scorer.score_turns(items), 0, []
         # Some answers came back: the judge is reachable and the failures are per prompt (flagged below).
         # None came back: the judge is down or misconfigured, which the caller must hear about.
@@ -181,23 +197,44 @@ class VLMJudge:
         self, criterion: Criterion, items: Sequence[ScoringItem], num_turns: int
     ) -> tuple[TurnScores, int, list[str]]:
         """[N, K] scores of one criterion from the judge model, the number of prompts sent and their errors."""
-        per_item = [
-            build_prompts(
-                criterion,
-                self.prompt_style,
-                self.scale,
-                self.mode,
-                item.source,
-                item.outputs,
-                item.instructions,
-            )
-            for item in items
+        return self.score_criteria([criterion], items, num_turns)[0]
+
+    def score_criteria(
+        self, criteria: Sequence[Criterion], items: Sequence[ScoringItem], num_turns: int
+    ) -> list[tuple[TurnScores, int, list[str]]]:
+        """``score_criterion`` for several criteria, with all their prompts sent in one backend call."""
+        per_criterion = [
+            [
+                build_prompts(
+                    criterion,
+                    self.prompt_style,
+                    self.scale,
+                    self.mode,
+                    item.source,
+                    item.outputs,
+                    item.instructions,
+                )
+                for item in items
+            ]
+            for criterion in criteria
         ]
-        prompts = [prompt for group in per_item for prompt in group]
+        prompts = [prompt for per_item in per_criterion for group in per_item for prompt in group]
         if self.mode == "thinking":
             results = self.backend.generate(prompts, self.max_new_tokens)
         else:
             results = self.backend.first_token_logprobs(prompts, self.candidates)
+        outcomes, offset = [], 0
+        for per_item in per_criterion:
+            count = sum(len(group) for group in per_item)
+            outcomes.append(
+                self._read_criterion(per_item, results[offset : offset + count], items, num_turns)
+            )
+            offset += count
+        return outcomes
+
+    def _read_criterion(
+        self, per_item: list[list], results: list, items: Sequence[ScoringItem], num_turns: int
+    ) -> tuple[TurnScores, int, list[str]]:
         errors = [r.error for r in results if r.error is not None]
         scores = torch.full((len(items), num_turns), math.nan, dtype=torch.float64)
         diagnostics: list[dict[str, Any]] = []
@@ -211,7 +248,7 @@ class VLMJudge:
                 row, diagnostic = self._read_logprobs(group_results)
             scores[i] = torch.tensor(row, dtype=torch.float64)
             diagnostics.append(diagnostic)
-        return TurnScores(scores.float(), diagnostics), len(prompts), errors
+        return TurnScores(scores.float(), diagnostics), len(results), errors
 
     def _read_answers(self, results: list, num_turns: int) -> tuple[list[float], dict[str, Any]]:
         low, high = score_range(self.scale)

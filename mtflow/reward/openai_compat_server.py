@@ -9,17 +9,30 @@ text and ``image_url`` parts (base64 data URLs only), greedy decoding, ``max_tok
 ``app.state.received`` so tests can check what the client really sent.
 
     python -m mtflow.reward.openai_compat_server --model /tmp/tiny-qwen3vl --port 8001
+
+``--scripted`` serves ``create_scripted_openai_app`` instead: no model, a fixed latency per request and answers
+taken from a hash of the request, standing in for vLLM in tests and benchmarks of the judge's plumbing:
+
+    python -m mtflow.reward.openai_compat_server --scripted --latency-ms 50 --port 8001
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import contextlib
+import hashlib
 import io
+import json
+import math
+import os
+import re
 import threading
 import time
 import uuid
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -208,20 +221,192 @@ def create_openai_compat_app(
     return app
 
 
+def _count_images(messages: Any) -> int:
+    """The number of base64 PNG image parts in OpenAI chat ``messages`` (the scripted judge never decodes them)."""
+    if not isinstance(messages, list) or not messages:
+        raise _RequestError(400, "messages must be a non-empty list")
+    count = 0
+    for m, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for p, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = (part.get("image_url") or {}).get("url")
+                if not isinstance(url, str) or not url.startswith("data:image/png;base64,"):
+                    raise _RequestError(400, f"messages[{m}].content[{p}]: only PNG data URLs are supported")
+                count += 1
+    return count
+
+
+def scripted_answer(
+    messages: list[dict[str, Any]], want_logprobs: bool, top_logprobs: int
+) -> tuple[str, Any]:
+    """The scripted judge's answer: a function of the request's content only (text and image bytes).
+
+    With ``logprobs``: one digit token, its top alternatives being the digits "1".."5" (90 % of the mass, split
+    by the request's SHA-256) and "The" (10 %). Otherwise a thinking-mode answer with a score tag per turn the
+    prompt asks for (``<TurnkScore>``), or ``<Score>``, each a digit taken from the hash.
+    """
+    digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode("utf-8", "surrogatepass")).digest()
+    if want_logprobs:
+        weights = [1.0 + digest[d] for d in range(5)]
+        total = sum(weights)
+        alternatives = [(str(d + 1), math.log(0.9 * w / total)) for d, w in enumerate(weights)]
+        alternatives.append(("The", math.log(0.1)))
+        alternatives.sort(key=lambda alt: -alt[1])
+        token, logprob = alternatives[0]
+
+        def entry(text: str, value: float) -> dict[str, Any]:
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+        content = [
+            {**entry(token, logprob), "top_logprobs": [entry(*alt) for alt in alternatives[:top_logprobs]]}
+        ]
+        return token, {"content": content}
+    text = " ".join(
+        part.get("text", "") if isinstance(part, dict) else str(part)
+        for message in messages
+        for part in (
+            message.get("content") if isinstance(message.get("content"), list) else [message.get("content")]
+        )
+    )
+    turns = sorted({int(k) for k in re.findall(r"<Turn(\d+)Score>", text)})
+    digits = [1 + digest[i] % 5 for i in range(max(1, len(turns)))]
+    if turns:
+        tags = " ".join(f"<Turn{k}Score>{d}</Turn{k}Score>" for k, d in zip(turns, digits))
+    else:
+        tags = f"<Score>{digits[0]}</Score>"
+    return f"<Thought>scripted judge</Thought> {tags}", None
+
+
+def create_scripted_openai_app(
+    served_model_name: str = "Qwen/Qwen3-VL-8B-Instruct",
+    latency_s: float = 0.05,
+    max_concurrent: int | None = None,
+    api_key: str | None = None,
+) -> FastAPI:
+    """An OpenAI-compatible server that answers like a judge after a fixed latency, without a model.
+
+    It stands in for ``vllm serve`` in tests and benchmarks: every chat request is answered after ``latency_s``
+    (``scripted_answer``), up to ``max_concurrent`` at once (None: no limit), as a GPU server's batch slots would.
+    With ``api_key`` it answers 401 to requests without that bearer key; without one it ignores the header.
+    ``app.state.received`` records, per request, the Authorization header sent, the image count and the time;
+    ``app.state.peak_concurrency`` the most requests served at once.
+    """
+    app = FastAPI(title="mtflow scripted OpenAI-compatible judge")
+    app.state.received = deque(maxlen=100_000)
+    app.state.peak_concurrency = 0
+    app.state.api_key = api_key  # tests may change it while the server runs
+    slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
+    active = [0]
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> JSONResponse:
+        authorization = request.headers.get("authorization")
+        if app.state.api_key is not None and authorization != f"Bearer {app.state.api_key}":
+            return _error(401, "Incorrect API key provided.", "AuthenticationError")
+        try:
+            body = await request.json()
+            images = _count_images(body.get("messages") if isinstance(body, dict) else None)
+        except _RequestError as exc:
+            return _error(exc.status, str(exc), exc.kind)
+        except ValueError as exc:
+            return _error(400, f"invalid JSON: {exc}", "BadRequestError")
+        if body.get("model") != served_model_name:
+            return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        app.state.received.append({"authorization": authorization, "images": images, "time": time.time()})
+        async with slots if slots is not None else contextlib.nullcontext():
+            active[0] += 1
+            app.state.peak_concurrency = max(app.state.peak_concurrency, active[0])
+            try:
+                await asyncio.sleep(latency_s)
+            finally:
+                active[0] -= 1
+        content, logprobs = scripted_answer(
+            body["messages"], bool(body.get("logprobs")), int(body.get("top_logprobs") or 0)
+        )
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": served_model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "logprobs": logprobs,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        )
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": served_model_name, "object": "model", "owned_by": "mtflow"}],
+        }
+
+    @app.get("/stats")
+    def stats() -> dict[str, Any]:
+        """Requests received and the most served at once (what tests and benchmarks check)."""
+        return {"received": len(app.state.received), "peak_concurrency": app.state.peak_concurrency}
+
+    return app
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
+    from mtflow.reward.server import bind_socket
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="folder or hub id of the model")
+    parser.add_argument("--model", default=None, help="folder or hub id of the model (not with --scripted)")
+    parser.add_argument("--scripted", action="store_true", help="answer from a hash of the request, no model")
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="--scripted: latency of every answer")
+    parser.add_argument(
+        "--max-concurrent", type=int, default=None, help="--scripted: requests served at once"
+    )
+    parser.add_argument("--api-key", default=None, help="--scripted: require this bearer key")
     parser.add_argument("--served-model-name", default=None, help="name clients use (default: --model)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--port", type=int, default=8001, help="0 picks a free port (see --ready-file)")
+    parser.add_argument(
+        "--ready-file", default=None, help="write {host, port, pid, url} JSON here once serving"
+    )
     parser.add_argument("--max-logprobs", type=int, default=20)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    backend = TransformersBackend(args.model)
-    app = create_openai_compat_app(backend, args.served_model_name or args.model, args.max_logprobs)
-    uvicorn.run(app, host=args.host, port=args.port)
+    if args.scripted == (args.model is not None):
+        parser.error("give exactly one of --model and --scripted")
+    if args.scripted:
+        app = create_scripted_openai_app(
+            args.served_model_name or "Qwen/Qwen3-VL-8B-Instruct",
+            args.latency_ms / 1000.0,
+            args.max_concurrent,
+            args.api_key,
+        )
+    else:
+        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+        backend = TransformersBackend(args.model)
+        app = create_openai_compat_app(backend, args.served_model_name or args.model, args.max_logprobs)
+    sock = bind_socket(args.host, args.port)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+
+    def announce() -> None:
+        while not server.started:
+            time.sleep(0.02)
+        info = {"host": args.host, "port": port, "pid": os.getpid(), "url": f"http://{args.host}:{port}/v1"}
+        temporary = Path(args.ready_file + ".tmp")
+        temporary.write_text(json.dumps(info))
+        temporary.replace(args.ready_file)
+
+    if args.ready_file:
+        threading.Thread(target=announce, daemon=True).start()
+    print(f"serving on http://{args.host}:{port}/v1", flush=True)
+    server.run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -1,24 +1,30 @@
-"""The reward service: any ``Scorer`` behind FastAPI + uvicorn, with dynamic batching.
+"""The reward service: any ``Scorer`` behind FastAPI + uvicorn, with dynamic batching and admission control.
 
 ``POST /v1/score`` takes the JSON of ``mtflow.reward.wire`` (images base64 PNG; nothing is ever unpickled) and
-answers per-turn IF/CC scores. Concurrent requests are merged into one scorer call (up to ``max_batch_size``
-items, waiting at most ``max_wait_ms`` for company), so eight training ranks calling at once become one
-backend batch. ``GET /health`` reports the scorer (model, backend), queue depth and batching counters.
+answers per-turn IF/CC scores. Concurrent requests are merged into scorer calls (``mtflow.reward.batcher``: up to
+``max_batch_size`` items, ``max_batches_in_flight`` calls at once, one item's failure kept to that item).
+``GET /health`` says "ok"; with the bearer token it also reports the scorer, the queues, the budgets and the
+batching counters.
 
-Guards: binds 127.0.0.1 by default; optional bearer token (401); request body limit (413); items per request,
-images per item and pixels per image limits (422); undecodable images (400); a judge that cannot be reached
-(503); any other scorer failure (500). Run it with
+Every request is bounded before it costs anything:
 
-    python -m mtflow.reward.server --config reward.yaml
+- bearer token (401; the scheme is case-insensitive), body size (413) and body read time (408) are checked by
+  ``GuardMiddleware`` before the app parses a byte; bodies being received share ``max_inflight_body_mb``;
+- items, images per item, turn counts (422); PNG only (400 for anything else or an undecodable image); more
+  than ``max_pixels`` pixels (422, also for Pillow's own decompression-bomb limit), all from the PNG headers;
+- decoded bytes (``mtflow.reward.admission``): a request that would decode to more than
+  ``max_request_decoded_mb`` is 413 with the numbers; the requests being decoded and scored share
+  ``max_inflight_decoded_mb``, and a request that does not fit waits in a bounded queue (503 with Retry-After
+  when the queue is full or the wait too long);
+- 503 when the judge behind the service cannot be reached; 500 only for a fault of the service itself.
 
-where the YAML holds ``RewardServer``'s arguments (``scorer: {class_path: ..., init_args: ...}``, ``port``, ...).
+    python -m mtflow.reward.server --config reward.yaml      # or: mtflow serve-reward --config reward.yaml
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -26,263 +32,73 @@ import os
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 
-from mtflow.reward.base import ScoreBatch, Scorer, ScorerUnavailableError, ScoringItem
-from mtflow.reward.wire import WireFormatError, decode_image, score_batch_to_json
+from mtflow.reward.admission import (
+    MIB,
+    RGB_BYTES_PER_PIXEL,
+    BudgetBusyError,
+    ByteBudget,
+    RequestCost,
+    image_cost,
+    mib,
+)
+from mtflow.reward.api import (
+    RETRY_AFTER_S,
+    GuardMiddleware,
+    HealthResponse,
+    SafeJSONResponse,
+    ScoreRequest,
+    ScoreResponse,
+    bearer_matches,
+    responses,
+)
+from mtflow.reward.base import Scorer, ScorerUnavailableError, ScoringItem
+from mtflow.reward.batcher import DynamicBatcher
+from mtflow.reward.wire import (
+    ImageTooLargeError,
+    PngHeader,
+    WireFormatError,
+    decode_image,
+    peek_png_header,
+    score_batch_to_json,
+)
 
 log = logging.getLogger(__name__)
 
 
-class ItemPayload(BaseModel):
-    """One trajectory on the wire (images base64 PNG)."""
-
-    model_config = ConfigDict(extra="forbid")
-    item_id: str
-    chain_id: str
-    source: str
-    outputs: list[str]
-    instructions: list[str]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+# ----- budgets -----
+NOMINAL_IMAGE_SIDE = 1024  # what the automatic budgets assume when the scorer does not say its input size
+AUTO_REQUEST_IMAGES = 256  # 64 trajectories of K = 3 (RemoteScorer's default request size)
+AUTO_TRAJECTORY_IMAGES = 4
 
 
-class ScoreRequest(BaseModel):
-    """Body of ``POST /v1/score``."""
+def auto_budgets(
+    max_side: int | None, max_pixels: int, max_batch_size: int, max_batches_in_flight: int
+) -> tuple[int, int]:
+    """The automatic decoded-bytes budgets (per request, in flight), from the size images are kept at.
 
-    model_config = ConfigDict(extra="forbid")
-    items: list[ItemPayload] = Field(min_length=1)
-
-
-class PixelLimitError(WireFormatError):
-    """An image has more pixels than the server accepts."""
-
-
-@dataclass
-class _Pending:
-    items: list[ScoringItem]
-    num_turns: int
-    future: asyncio.Future
-
-
-@dataclass
-class BatcherStats:
-    """Counters of a ``DynamicBatcher`` (reported by ``/health``)."""
-
-    requests: int = 0
-    items: int = 0
-    batches: int = 0
-    queued_items: int = 0
-    in_flight_items: int = 0
-    largest_batch: int = 0
-    recent_batch_sizes: deque = field(default_factory=lambda: deque(maxlen=64))
-
-
-class DynamicBatcher:
-    """Merges concurrent scoring requests into scorer calls of up to ``max_batch_size`` items.
-
-    The first waiting request opens a batch; requests arriving within ``max_wait_ms`` join it while they fit.
-    A request larger than ``max_batch_size`` is scored on its own. Items with different turn counts go to
-    separate scorer calls. The scorer runs on one worker thread, so the event loop keeps accepting requests
-    (which form the next batch) while a batch is scored.
+    Per request: 256 images at that size, plus one image of ``max_pixels`` being decoded. In flight: room for
+    ``max_batches_in_flight`` + 1 full batches of 4-image trajectories at that size (the next batch decodes while
+    the others are scored), plus two images of ``max_pixels`` being decoded, and never less than one request.
     """
-
-    def __init__(self, scorer: Scorer, max_batch_size: int, max_wait_ms: float) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.scorer = scorer
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_ms / 1000.0
-        self.stats = BatcherStats()
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._held: _Pending | None = None
-        self._worker: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
-
-    async def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._worker = asyncio.create_task(self._run(), name="reward-batcher")
-
-    async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def submit(self, items: list[ScoringItem]) -> ScoreBatch:
-        """Score ``items`` (same turn count) as part of whatever batch forms."""
-        if self._queue is None:
-            raise RuntimeError("DynamicBatcher.start() was not called")
-        future = asyncio.get_running_loop().create_future()
-        self.stats.queued_items += len(items)
-        await self._queue.put(_Pending(items, items[0].num_turns, future))
-        return await future
-
-    async def _next(self, timeout: float | None) -> _Pending | None:
-        if self._held is not None:
-            pending, self._held = self._held, None
-            return pending
-        assert self._queue is not None
-        if timeout is None:
-            return await self._queue.get()
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-
-    async def _collect(self) -> list[_Pending]:
-        first = await self._next(None)
-        assert first is not None
-        batch, size = [first], len(first.items)
-        deadline = time.monotonic() + self.max_wait_s
-        while size < self.max_batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            pending = await self._next(remaining)
-            if pending is None:
-                break
-            if size + len(pending.items) > self.max_batch_size:
-                self._held = pending  # opens the next batch
-                break
-            batch.append(pending)
-            size += len(pending.items)
-        return batch
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._collect()
-            by_turns: dict[int, list[_Pending]] = {}
-            for pending in batch:
-                by_turns.setdefault(pending.num_turns, []).append(pending)
-            for group in by_turns.values():
-                items = [item for pending in group for item in pending.items]
-                self.stats.queued_items -= len(items)
-                self.stats.in_flight_items = len(items)
-                try:
-                    result = await loop.run_in_executor(self._executor, self.scorer.score, items)
-                    error: BaseException | None = None
-                    if tuple(result.scored.shape) != (len(items), group[0].num_turns):
-                        raise RuntimeError(
-                            f"{type(self.scorer).__name__} returned scores of shape {tuple(result.scored.shape)} "
-                            f"for {len(items)} items of {group[0].num_turns} turns"
-                        )
-                except Exception as exc:  # reported to every waiting request, the worker keeps serving
-                    result, error = None, exc
-                    log.exception("scorer failed on a batch of %d items", len(items))
-                finally:
-                    self.stats.in_flight_items = 0
-                self.stats.batches += 1
-                self.stats.requests += len(group)
-                self.stats.items += len(items)
-                self.stats.largest_batch = max(self.stats.largest_batch, len(items))
-                self.stats.recent_batch_sizes.append(len(items))
-                self._deliver(group, result, error)
-
-    @staticmethod
-    def _deliver(group: list[_Pending], result: ScoreBatch | None, error: BaseException | None) -> None:
-        start = 0
-        for pending in group:
-            if pending.future.done():  # the caller went away
-                start += len(pending.items)
-                continue
-            if error is not None or result is None:
-                pending.future.set_exception(error or RuntimeError("scorer returned nothing"))
-                continue
-            stop = start + len(pending.items)
-            pending.future.set_result(
-                ScoreBatch(
-                    instruction_following=result.instruction_following[start:stop],
-                    content_consistency=result.content_consistency[start:stop],
-                    scored=result.scored[start:stop],
-                    diagnostics=result.diagnostics[start:stop] if result.diagnostics else [],
-                    latency_s=result.latency_s,
-                )
-            )
-            start = stop
+    side = max_side or NOMINAL_IMAGE_SIDE
+    kept = side * side * RGB_BYTES_PER_PIXEL
+    decoding = max_pixels * 2 * RGB_BYTES_PER_PIXEL  # native decode + RGB copy (the worst case of image_cost)
+    per_request = AUTO_REQUEST_IMAGES * kept + decoding
+    batches = (max_batches_in_flight + 1) * max_batch_size * AUTO_TRAJECTORY_IMAGES * kept
+    return per_request, max(per_request, batches + 2 * decoding)
 
 
-def _json_error(status: int, detail: str, headers: dict[str, str] | None = None) -> tuple[dict, bytes]:
-    body = json.dumps({"detail": detail}).encode()
-    start = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        + [(k.encode(), v.encode()) for k, v in (headers or {}).items()],
-    }
-    return start, body
-
-
-class GuardMiddleware:
-    """ASGI middleware for ``/v1/*``: bearer token (401) and body size (413), checked before the app parses.
-
-    The body is read here (up to the limit) and replayed to the app, so an oversized upload is refused after
-    at most ``max_body_bytes`` bytes whether or not it declares a Content-Length.
-    """
-
-    def __init__(self, app: Any, token: str | None, max_body_bytes: int) -> None:
-        self.app = app
-        self.token = token
-        self.max_body_bytes = max_body_bytes
-
-    async def _reply(
-        self, send: Any, status: int, detail: str, headers: dict[str, str] | None = None
-    ) -> None:
-        start, body = _json_error(status, detail, headers)
-        await send(start)
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.token is not None:
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                reason = "missing bearer token" if not given else "wrong bearer token"
-                await self._reply(send, 401, f"{reason} for {scope['path']}", {"www-authenticate": "Bearer"})
-                return
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._reply(
-                send, 413, f"request body of {declared} bytes exceeds the limit {self.max_body_bytes}"
-            )
-            return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._reply(send, 413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+def _scorer_input_side(scorer: Scorer) -> int | None:
+    side = getattr(scorer, "input_max_side", None)
+    return side if isinstance(side, int) and side > 0 else None
 
 
 def _describe(scorer: Scorer) -> dict[str, Any]:
@@ -300,13 +116,41 @@ def create_app(
     token: str | None = None,
     max_batch_size: int = 32,
     max_wait_ms: float = 20.0,
+    max_batches_in_flight: int = 4,
     max_body_mb: float = 256.0,
+    max_inflight_body_mb: float = 1024.0,
+    body_timeout_s: float = 60.0,
     max_items_per_request: int = 256,
     max_images_per_item: int = 16,
     max_pixels: int = 4096 * 4096,
+    image_max_side: int | Literal["auto"] | None = "auto",
+    max_request_decoded_mb: float | Literal["auto"] = "auto",
+    max_inflight_decoded_mb: float | Literal["auto"] = "auto",
+    max_waiting_requests: int = 256,
+    max_queue_wait_s: float = 60.0,
 ) -> FastAPI:
     """The FastAPI app serving ``scorer`` (arguments as in ``RewardServer``)."""
-    batcher = DynamicBatcher(scorer, max_batch_size, max_wait_ms)
+    side = _scorer_input_side(scorer) if image_max_side == "auto" else image_max_side
+    auto_request, auto_inflight = auto_budgets(side, max_pixels, max_batch_size, max_batches_in_flight)
+    request_limit = auto_request if max_request_decoded_mb == "auto" else int(max_request_decoded_mb * MIB)
+    inflight_limit = (
+        auto_inflight if max_inflight_decoded_mb == "auto" else int(max_inflight_decoded_mb * MIB)
+    )
+    if request_limit > inflight_limit:
+        raise ValueError(
+            f"max_request_decoded_mb ({mib(request_limit)}) exceeds max_inflight_decoded_mb ({mib(inflight_limit)}): "
+            "such a request could never be admitted"
+        )
+    if max_inflight_body_mb < max_body_mb:
+        raise ValueError(
+            f"max_inflight_body_mb ({max_inflight_body_mb}) must be >= max_body_mb ({max_body_mb})"
+        )
+    decoded_budget = ByteBudget(inflight_limit, max_waiting_requests, "the decoded-bytes budget in flight")
+    body_budget = ByteBudget(
+        int(max_inflight_body_mb * MIB), max_waiting_requests, "the body budget in flight"
+    )
+    batcher = DynamicBatcher(scorer, max_batch_size, max_wait_ms, max_batches_in_flight)
+    decoders = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="png-decode")
     description = _describe(scorer)
 
     @contextlib.asynccontextmanager
@@ -314,18 +158,31 @@ def create_app(
         await batcher.start()
         yield
         await batcher.stop()
+        decoders.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="mtflow reward service", lifespan=lifespan)
+    app = FastAPI(
+        title="mtflow reward service", lifespan=lifespan, default_response_class=SafeJSONResponse, version="1"
+    )
     app.state.batcher = batcher
-    app.add_middleware(GuardMiddleware, token=token, max_body_bytes=int(max_body_mb * 1024 * 1024))
+    app.state.decoded_budget = decoded_budget
+    app.state.body_budget = body_budget
+    app.add_middleware(
+        GuardMiddleware,
+        token=token,
+        max_body_bytes=int(max_body_mb * MIB),
+        body_budget=body_budget,
+        body_timeout_s=body_timeout_s,
+        queue_wait_s=max_queue_wait_s,
+    )
 
-    def decode(request: ScoreRequest) -> list[ScoringItem]:
+    def plan(request: ScoreRequest) -> tuple[list[list[PngHeader]], RequestCost]:
+        """Check the request's shape and every PNG header; price it in decoded bytes. Decodes nothing."""
         if len(request.items) > max_items_per_request:
             raise HTTPException(
                 422, f"{len(request.items)} items in one request; the limit is {max_items_per_request}"
             )
         num_turns = len(request.items[0].instructions)
-        items = []
+        headers, costs = [], []
         for index, payload in enumerate(request.items):
             where = f"items[{index}] ({payload.item_id!r})"
             if len(payload.outputs) != len(payload.instructions) or not payload.instructions:
@@ -344,15 +201,47 @@ def create_app(
                     422,
                     f"{where}: {1 + len(payload.outputs)} images; the limit is {max_images_per_item} per item",
                 )
+            named = [(f"{where}.source", payload.source)]
+            named += [(f"{where}.outputs[{k}]", data) for k, data in enumerate(payload.outputs)]
+            row = []
+            for name, data in named:
+                try:
+                    header = peek_png_header(data, name)
+                except WireFormatError as exc:
+                    raise HTTPException(400, str(exc)) from exc
+                if header.pixels > max_pixels:
+                    raise HTTPException(
+                        422,
+                        f"{name}: {header.width}x{header.height} = {header.pixels} pixels exceeds the limit "
+                        f"{max_pixels}",
+                    )
+                row.append(header)
+                costs.append(image_cost(header, side))
+            headers.append(row)
+        cost = RequestCost.of(costs)
+        if cost.total > request_limit:
+            raise HTTPException(
+                413,
+                f"the {len(costs)} images of this request would decode to {mib(cost.total)} ({mib(cost.held)} kept "
+                f"+ {mib(cost.transient)} while decoding); the limit per request is {mib(request_limit)} "
+                "(max_request_decoded_mb): send fewer or smaller images per request",
+            )
+        return headers, cost
+
+    def decode(request: ScoreRequest) -> list[ScoringItem]:
+        items = []
+        for index, payload in enumerate(request.items):
+            where = f"items[{index}] ({payload.item_id!r})"
             try:
-                source = decode_image(payload.source, f"{where}.source", max_pixels)
+                source = decode_image(payload.source, f"{where}.source", max_pixels, side)
                 outputs = [
-                    decode_image(data, f"{where}.outputs[{k}]", max_pixels)
+                    decode_image(data, f"{where}.outputs[{k}]", max_pixels, side)
                     for k, data in enumerate(payload.outputs)
                 ]
+            except ImageTooLargeError as exc:
+                raise HTTPException(422, str(exc)) from exc
             except WireFormatError as exc:
-                status = 422 if "exceeds the limit" in str(exc) else 400
-                raise HTTPException(status, str(exc)) from exc
+                raise HTTPException(400, str(exc)) from exc
             items.append(
                 ScoringItem(
                     item_id=payload.item_id,
@@ -366,44 +255,92 @@ def create_app(
         return items
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's default handler echoes the offending input: megabytes of base64, or undecodable bytes
-        # (which crash its encoder). Location and message are what the caller needs.
+    async def invalid_request(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
+        # FastAPI's default handler echoes the offending input: megabytes of base64, or undecodable bytes.
+        # Location and message are what the caller needs.
+        errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            reason = (errors[0].get("ctx") or {}).get("error", "invalid JSON")
+            return SafeJSONResponse({"detail": f"the body is not valid JSON: {reason}"}, status_code=400)
         problems = [
             f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
-            for error in exc.errors()[:20]
+            for error in errors[:20]
         ]
-        return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=422)
+        return SafeJSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=422)
 
-    @app.post("/v1/score")
-    async def score(request: ScoreRequest) -> JSONResponse:
-        items = await asyncio.get_running_loop().run_in_executor(None, decode, request)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> SafeJSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
+        return SafeJSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        responses=responses(400, 401, 408, 413, 422, 500, 503),
+        summary="Score trajectories",
+    )
+    async def score(request: ScoreRequest) -> SafeJSONResponse:
+        _, cost = plan(request)
         try:
-            batch = await batcher.submit(items)
-        except ScorerUnavailableError as exc:
-            raise HTTPException(503, f"judge unavailable: {exc}") from exc
-        except Exception as exc:
-            raise HTTPException(500, f"scorer failed: {type(exc).__name__}: {exc}") from exc
-        return JSONResponse(score_batch_to_json(batch))
+            await decoded_budget.acquire(cost.total, max_queue_wait_s)
+        except BudgetBusyError as exc:
+            raise HTTPException(
+                503, f"service saturated: {exc}", headers={"retry-after": str(RETRY_AFTER_S)}
+            ) from exc
+        held = cost.total
+        try:
+            items = await asyncio.get_running_loop().run_in_executor(decoders, decode, request)
+            decoded_budget.release(cost.transient)  # decoding is over: only the kept images remain
+            held = cost.held
+            try:
+                batch = await batcher.submit(items)
+            except ScorerUnavailableError as exc:
+                raise HTTPException(503, f"judge unavailable: {exc}") from exc
+            except Exception as exc:  # the batcher itself failed: a fault of this service
+                raise HTTPException(500, f"reward service fault: {type(exc).__name__}: {exc}") from exc
+        finally:
+            decoded_budget.release(held)
+        return SafeJSONResponse(score_batch_to_json(batch))
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", response_model=HealthResponse, summary="Liveness; details with the bearer token")
+    async def health(request: Request) -> SafeJSONResponse:
+        if token is not None and not bearer_matches(request.headers.get("authorization"), token):
+            return SafeJSONResponse({"status": "ok"})
         stats = batcher.stats
-        return {
-            "status": "ok",
-            "model": description.get("model"),
-            "backend": description.get("backend"),
-            "scorer": description,
-            "queue_depth": stats.queued_items,
-            "in_flight_items": stats.in_flight_items,
-            "requests": stats.requests,
-            "items": stats.items,
-            "batches": stats.batches,
-            "largest_batch": stats.largest_batch,
-            "recent_batch_sizes": list(stats.recent_batch_sizes),
-            "max_batch_size": max_batch_size,
-            "max_wait_ms": max_wait_ms,
-        }
+        return SafeJSONResponse(
+            {
+                "status": "ok",
+                "model": description.get("model"),
+                "backend": description.get("backend"),
+                "scorer": description,
+                "batching": {
+                    "queue_depth": stats.queued_items,
+                    "in_flight_items": stats.in_flight_items,
+                    "batches_in_flight": stats.batches_in_flight,
+                    "requests": stats.requests,
+                    "items": stats.items,
+                    "batches": stats.batches,
+                    "largest_batch": stats.largest_batch,
+                    "isolated_batches": stats.isolated_batches,
+                    "failed_items": stats.failed_items,
+                    "recent_batch_sizes": list(stats.recent_batch_sizes),
+                    "max_batch_size": max_batch_size,
+                    "max_wait_ms": max_wait_ms,
+                    "max_batches_in_flight": max_batches_in_flight,
+                },
+                "admission": {
+                    "image_max_side": side,
+                    "decoded_mib_in_use": round(decoded_budget.used / MIB, 2),
+                    "decoded_mib_peak": round(decoded_budget.peak / MIB, 2),
+                    "decoded_mib_limit": round(inflight_limit / MIB, 2),
+                    "request_decoded_mib_limit": round(request_limit / MIB, 2),
+                    "body_mib_in_use": round(body_budget.used / MIB, 2),
+                    "body_mib_peak": round(body_budget.peak / MIB, 2),
+                    "body_mib_limit": round(body_budget.capacity / MIB, 2),
+                    "waiting_requests": decoded_budget.waiting + body_budget.waiting,
+                },
+            }
+        )
 
     return app
 
@@ -424,13 +361,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class BackgroundServer:
     """An ASGI app served by uvicorn on a daemon thread (tests, benchmarks, in-process services)."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        **uvicorn_kwargs: Any,
+    ) -> None:
         import uvicorn
 
         self.socket = bind_socket(host, port)
         self.host = host
         self.port = self.socket.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", **uvicorn_kwargs)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
@@ -469,7 +414,7 @@ def is_loopback(host: str) -> bool:
 
 
 class RewardServer:
-    """The reward service process: a ``Scorer`` served over HTTP with dynamic batching."""
+    """The reward service process: a ``Scorer`` served over HTTP with dynamic batching and admission control."""
 
     def __init__(
         self,
@@ -480,26 +425,46 @@ class RewardServer:
         token_env: str | None = None,
         max_batch_size: int = 32,
         max_wait_ms: float = 20.0,
+        max_batches_in_flight: int = 4,
         max_body_mb: float = 256.0,
+        max_inflight_body_mb: float = 1024.0,
+        body_timeout_s: float = 60.0,
         max_items_per_request: int = 256,
         max_images_per_item: int = 16,
         max_pixels: int = 4096 * 4096,
+        image_max_side: int | Literal["auto"] | None = "auto",
+        max_request_decoded_mb: float | Literal["auto"] = "auto",
+        max_inflight_decoded_mb: float | Literal["auto"] = "auto",
+        max_waiting_requests: int = 256,
+        max_queue_wait_s: float = 60.0,
+        max_connections: int = 2048,
         ready_file: str | None = None,
         log_level: str = "info",
     ) -> None:
         """
         Args:
-            scorer: what scores the trajectories (e.g. ``mtflow.reward.VLMJudge``).
+            scorer: what scores the trajectories (e.g. ``mtflow.reward.VLMJudge``); called from several threads.
             host: interface to bind; keep 127.0.0.1 unless the network in between is trusted.
             port: TCP port; 0 picks a free one (see ``ready_file``).
             token: bearer token clients must send; None disables the check.
             token_env: read the token from this environment variable instead (keeps it out of configs).
             max_batch_size: most items merged into one scorer call.
             max_wait_ms: how long the first waiting request waits for others to join its batch.
-            max_body_mb: largest accepted request body in MiB.
+            max_batches_in_flight: scorer calls running at once (keeps a continuously batching judge busy).
+            max_body_mb: largest accepted request body in MiB (413 above).
+            max_inflight_body_mb: MiB of request bodies being received at once; others wait (503 past the wait).
+            body_timeout_s: a request body must arrive within this many seconds (408 otherwise).
             max_items_per_request: most trajectories in one request.
             max_images_per_item: most images (source plus outputs) per trajectory.
-            max_pixels: most pixels per image.
+            max_pixels: most pixels per image, read from the PNG header (422 above).
+            image_max_side: downscale images to this longer side right after decoding; "auto": the scorer's
+                ``input_max_side`` (the size it resizes to anyway, so scores do not change); None: keep the size.
+            max_request_decoded_mb: MiB one request may decode to (413 above); "auto": see ``auto_budgets``.
+            max_inflight_decoded_mb: MiB of decoded images all requests in flight may hold; "auto": see
+                ``auto_budgets``.
+            max_waiting_requests: requests that may wait for a budget at once (503 beyond).
+            max_queue_wait_s: longest wait for a budget in seconds (503 with Retry-After beyond).
+            max_connections: concurrent connections uvicorn accepts (503 beyond).
             ready_file: once accepting connections, write ``{"host", "port", "pid", "url"}`` JSON here.
             log_level: uvicorn log level.
         """
@@ -519,17 +484,27 @@ class RewardServer:
         self.token = token
         self.ready_file = ready_file
         self.log_level = log_level
+        self.max_connections = max_connections
         self.app_kwargs = {
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
+            "max_batches_in_flight": max_batches_in_flight,
             "max_body_mb": max_body_mb,
+            "max_inflight_body_mb": max_inflight_body_mb,
+            "body_timeout_s": body_timeout_s,
             "max_items_per_request": max_items_per_request,
             "max_images_per_item": max_images_per_item,
             "max_pixels": max_pixels,
+            "image_max_side": image_max_side,
+            "max_request_decoded_mb": max_request_decoded_mb,
+            "max_inflight_decoded_mb": max_inflight_decoded_mb,
+            "max_waiting_requests": max_waiting_requests,
+            "max_queue_wait_s": max_queue_wait_s,
         }
+        self._app = create_app(self.scorer, token=self.token, **self.app_kwargs)  # refuses bad budgets now
 
     def app(self) -> FastAPI:
-        return create_app(self.scorer, token=self.token, **self.app_kwargs)
+        return self._app
 
     def run(self) -> None:
         """Serve until interrupted (SIGINT/SIGTERM)."""
@@ -537,7 +512,10 @@ class RewardServer:
 
         sock = bind_socket(self.host, self.port)
         port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(self.app(), log_level=self.log_level, lifespan="on"))
+        config = uvicorn.Config(
+            self._app, log_level=self.log_level, lifespan="on", limit_concurrency=self.max_connections
+        )
+        server = uvicorn.Server(config)
         if self.ready_file is not None:
             threading.Thread(target=self._announce, args=(server, port), daemon=True).start()
         log.info("reward service on http://%s:%d (%s)", self.host, port, _describe(self.scorer))

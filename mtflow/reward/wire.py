@@ -19,7 +19,9 @@ import base64
 import binascii
 import io
 import math
+import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +32,77 @@ from mtflow.reward.base import ScoreBatch, ScoringItem
 
 class WireFormatError(ValueError):
     """A request or response does not follow the wire format (the message names the offending field)."""
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_HEADER_BYTES = 33  # signature (8) + IHDR length and type (8) + IHDR data (13) + CRC (4)
+_HEADER_BASE64_CHARS = 44  # ceil(33 / 3) * 4
+_VALID_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+class NotPngError(WireFormatError):
+    """An image on the wire is not a PNG (the only format the service decodes)."""
+
+
+class ImageTooLargeError(WireFormatError):
+    """An image has more pixels than the service (or Pillow's decompression-bomb guard) accepts."""
+
+
+@dataclass(frozen=True)
+class PngHeader:
+    """What a PNG's IHDR chunk declares."""
+
+    width: int
+    height: int
+    bit_depth: int
+    colour_type: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def decodes_to_rgb(self) -> bool:
+        """True when Pillow decodes it straight to mode RGB (8- or 16-bit truecolour without alpha)."""
+        return self.colour_type == 2
+
+    @property
+    def native_bytes_per_pixel(self) -> int:
+        """Bytes per pixel of the mode Pillow decodes it to (L / P: 1; 16-bit grey through mode I: 4; else 4)."""
+        if self.colour_type in (0, 3) and self.bit_depth <= 8:
+            return 1
+        return 4
+
+
+def parse_png_header(raw: bytes, where: str) -> PngHeader:
+    """The IHDR of a PNG from its first 33 bytes; ``NotPngError`` / ``WireFormatError`` naming ``where``."""
+    if not raw.startswith(PNG_SIGNATURE):
+        raise NotPngError(
+            f"{where}: not a PNG image (the wire format is PNG only; it starts with {raw[:8]!r})"
+        )
+    if len(raw) < _HEADER_BYTES or raw[12:16] != b"IHDR":
+        raise WireFormatError(f"{where}: a PNG without a complete IHDR header")
+    width, height, depth, colour = struct.unpack(">IIBB", raw[16:26])
+    if not (0 < width < 2**31 and 0 < height < 2**31):
+        raise WireFormatError(f"{where}: a PNG of {width}x{height} pixels")
+    if depth not in _VALID_DEPTHS.get(colour, ()):
+        raise WireFormatError(f"{where}: a PNG with colour type {colour} and bit depth {depth}")
+    return PngHeader(width, height, depth, colour)
+
+
+def peek_png_header(data: str, where: str) -> PngHeader:
+    """The PNG header of a base64 string (or ``data:`` URL), decoding only its first 44 characters."""
+    if not isinstance(data, str):
+        raise WireFormatError(f"{where}: expected a base64 string, got {type(data).__name__}")
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if ";base64" not in header:
+            raise WireFormatError(f"{where}: only base64 data URLs are accepted, got {header[:40]!r}")
+    try:
+        raw = base64.b64decode(data[:_HEADER_BASE64_CHARS], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise WireFormatError(f"{where}: not valid base64 ({exc})") from exc
+    return parse_png_header(raw, where)
 
 
 def resize_to_max_side(image: Image.Image, max_side: int | None) -> Image.Image:
@@ -53,34 +126,37 @@ def image_data_url(image: Image.Image, max_side: int | None = None) -> str:
     return "data:image/png;base64," + encode_image(image, max_side)
 
 
-def decode_image(data: str, where: str, max_pixels: int | None = None) -> Image.Image:
-    """Decode a base64 image (a bare string or a ``data:`` URL) into RGB; ``where`` names it in errors.
+def decode_image(
+    data: str, where: str, max_pixels: int | None = None, max_side: int | None = None
+) -> Image.Image:
+    """Decode a base64 PNG (a bare string or a ``data:`` URL) into RGB; ``where`` names it in errors.
 
-    Refuses images above ``max_pixels`` from the header alone, before decoding the pixels.
+    Only PNG is decoded (the wire format; other formats never reach Pillow's plugins). Images above
+    ``max_pixels``, or above Pillow's decompression-bomb limit, raise ``ImageTooLargeError`` from the header
+    alone. With ``max_side`` the image is downscaled right after decoding (``resize_to_max_side``), so only the
+    small copy is kept.
     """
-    if not isinstance(data, str):
-        raise WireFormatError(f"{where}: expected a base64 string, got {type(data).__name__}")
+    header = peek_png_header(data, where)
+    if max_pixels is not None and header.pixels > max_pixels:
+        raise ImageTooLargeError(
+            f"{where}: {header.width}x{header.height} = {header.pixels} pixels exceeds the limit {max_pixels}"
+        )
     if data.startswith("data:"):
-        header, _, data = data.partition(",")
-        if ";base64" not in header:
-            raise WireFormatError(f"{where}: only base64 data URLs are accepted, got {header[:40]!r}")
+        data = data.partition(",")[2]
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise WireFormatError(f"{where}: not valid base64 ({exc})") from exc
     try:
-        image = Image.open(io.BytesIO(raw))
-        width, height = image.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise WireFormatError(
-                f"{where}: {width}x{height} = {width * height} pixels exceeds the limit {max_pixels}"
-            )
+        image = Image.open(io.BytesIO(raw), formats=["PNG"])
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, WireFormatError):
-            raise
-        raise WireFormatError(f"{where}: not a decodable image ({type(exc).__name__}: {exc})") from exc
-    return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{where}: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
+        raise WireFormatError(f"{where}: not a decodable PNG ({type(exc).__name__}: {exc})") from exc
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return resize_to_max_side(image, max_side)
 
 
 def item_to_json(item: ScoringItem, max_side: int | None = None) -> dict[str, Any]:

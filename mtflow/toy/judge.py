@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -86,6 +87,8 @@ SUCCESS_THRESHOLD = 4.0
 
 OFF_PALETTE = -1
 _CHUNK = 128  # items per vectorised call
+_MAX_SPECS = 64  # distinct render specs kept
+_MAX_TABLES = 4  # distinct palettes' lookup tables kept (16 MiB each)
 
 
 def snap_to_palette(rgb: np.ndarray, palette: np.ndarray, tolerance: float) -> np.ndarray:
@@ -341,6 +344,8 @@ class ToyJudge:
         cache_size: int = 65536,
         protect_earlier_edits: bool = False,
         binary_threshold: float | None = None,
+        max_image_size: int = 512,
+        cache_mb: float = 256.0,
     ) -> None:
         """
         Args:
@@ -352,6 +357,9 @@ class ToyJudge:
             protect_earlier_edits: CC also checks what earlier turns delivered (D_k); off by default (module docstring).
             binary_threshold: report pass / fail instead of the 1-5 scale: a score >= this becomes 5, below it 1, for
                 IF and CC alike (None: the 1-5 scores; 4.0: pass at the success threshold).
+            max_image_size: largest render size (pixels per side) a chain's metadata may ask for; larger ones are
+                unscored (behind the reward service the metadata comes from clients).
+            cache_mb: bound on the bytes of the cached label maps (with ``cache_size`` on their number).
         """
         if colour_tolerance <= 0:
             raise ValueError(f"colour_tolerance must be > 0, got {colour_tolerance}")
@@ -370,9 +378,14 @@ class ToyJudge:
                 f"binary_threshold must be in ({SCORE_MIN}, {SCORE_MAX}], got {binary_threshold}"
             )
         self.binary_threshold = binary_threshold
-        self._specs: dict[str, RenderSpec] = {}
+        self.max_image_size = max_image_size
+        self.cache_bytes = int(cache_mb * 1024 * 1024)
+        # every cache is bounded: behind the reward service their keys come from clients
+        self._specs: OrderedDict[str, RenderSpec] = OrderedDict()
         self._maps: OrderedDict[tuple[str, str, str], np.ndarray] = OrderedDict()
-        self._tables: dict[bytes, np.ndarray] = {}
+        self._maps_bytes = 0
+        self._tables: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # the reward service scores several batches at once
 
     @staticmethod
     def merged_metadata(metadata: dict[str, Any], instruction: str) -> dict[str, Any]:
@@ -383,21 +396,47 @@ class ToyJudge:
     # ----- ground truth rendering (cached) -----
     def _spec(self, render: dict[str, Any]) -> tuple[str, RenderSpec]:
         key = json.dumps(render, sort_keys=True)
-        if key not in self._specs:
-            self._specs[key] = RenderSpec.from_json(render)
-        return key, self._specs[key]
+        with self._lock:
+            found = self._specs.get(key)
+        if found is None:
+            found = RenderSpec.from_json(render)
+            if found.image_size > self.max_image_size:
+                raise ValueError(
+                    f"render size {found.image_size} exceeds this judge's max_image_size {self.max_image_size}"
+                )
+            with self._lock:
+                self._specs[key] = found
+                while len(self._specs) > _MAX_SPECS:
+                    self._specs.popitem(last=False)
+        return key, found
 
     def _map(self, spec_key: str, spec: RenderSpec, scene: dict[str, Any], kind: str) -> np.ndarray:
         key = (kind, spec_key, json.dumps(scene, sort_keys=True))
-        found = self._maps.get(key)
-        if found is not None:
-            self._maps.move_to_end(key)
-            return found
+        with self._lock:
+            found = self._maps.get(key)
+            if found is not None:
+                self._maps.move_to_end(key)
+                return found
         parsed = Scene.from_json(scene)
         found = spec.render_labels(parsed) if kind == "labels" else spec.render_instances(parsed)
-        self._maps[key] = found
-        if len(self._maps) > self.cache_size:
-            self._maps.popitem(last=False)
+        with self._lock:
+            if key not in self._maps:
+                self._maps[key] = found
+                self._maps_bytes += found.nbytes
+            while self._maps and (len(self._maps) > self.cache_size or self._maps_bytes > self.cache_bytes):
+                self._maps_bytes -= self._maps.popitem(last=False)[1].nbytes
+        return found
+
+    def _table(self, palette: np.ndarray) -> np.ndarray:
+        key = palette.tobytes()
+        with self._lock:
+            found = self._tables.get(key)
+        if found is None:
+            found = palette_lookup_table(palette, self.colour_tolerance)
+            with self._lock:
+                self._tables[key] = found
+                while len(self._tables) > _MAX_TABLES:
+                    self._tables.popitem(last=False)
         return found
 
     @staticmethod
@@ -441,7 +480,7 @@ class ToyJudge:
                     )
                 spec_key, spec = self._spec(render)
                 groups.setdefault(spec_key, (spec, []))[1].append((i, scenes))
-            except (ValueError, KeyError, TypeError) as err:
+            except Exception as err:  # whatever a client's metadata provokes stays with its item
                 diagnostics[i].update(status="unscored", error=f"item {item.item_id!r}: {err}")
 
         for spec_key, (spec, members) in groups.items():
@@ -454,7 +493,7 @@ class ToyJudge:
                     inst = np.stack([self._map(spec_key, spec, scene, "instances") for scene in shown])
                     inst = np.broadcast_to(inst, (len(scenes), *inst.shape[1:]))
                     o = np.stack([self._pixels(im, spec.image_size) for im in items[i].outputs])
-                except (ValueError, KeyError, TypeError, OSError) as err:
+                except Exception as err:  # whatever a client's metadata provokes stays with its item
                     diagnostics[i].update(status="unscored", error=f"item {items[i].item_id!r}: {err}")
                     continue
                 rows.append(i)
@@ -463,10 +502,12 @@ class ToyJudge:
                 outputs.append(o)
             if not rows:
                 continue
-            palette = spec.palette
-            if palette.tobytes() not in self._tables:
-                self._tables[palette.tobytes()] = palette_lookup_table(palette, self.colour_tolerance)
-            table = self._tables[palette.tobytes()]
+            try:
+                table = self._table(spec.palette)
+            except Exception as err:  # a palette from a client's metadata: its items only
+                for i in rows:
+                    diagnostics[i].update(status="unscored", error=f"item {items[i].item_id!r}: {err}")
+                continue
             parts = [  # chunks of items keep the working arrays in cache (2x faster at thousands of items)
                 exact_scores(
                     np.stack(truth[c : c + _CHUNK]),

@@ -22,21 +22,32 @@ from .conftest import make_items
 def fault_app() -> FastAPI:
     """A server whose /v1/score misbehaves as ``app.state.plan`` says, one entry per request.
 
-    Plan entries: "500", "503", "slow" (sleeps ``app.state.slow_s`` first), "ok" (IF = 2 and CC = 4 for
-    every turn, item ids echoed), "bad-shape", "out-of-range", "wrong-ids". After the plan: "ok".
+    Plan entries: "500", "503", "busy" (503 with Retry-After: 0.6), "slow" (sleeps ``app.state.slow_s`` first),
+    "ok" (IF = 2 and CC = 4 for every turn, item ids echoed), "bad-shape", "out-of-range", "wrong-ids". After
+    the plan: "ok", except that with ``app.state.max_items`` set, larger requests get 413. ``app.state.times``
+    records when each request arrived, ``app.state.sizes`` its item count.
     """
     app = FastAPI()
     app.state.plan = []
     app.state.calls = 0
     app.state.slow_s = 3.0
+    app.state.max_items = None
+    app.state.times = []
+    app.state.sizes = []
 
     @app.post("/v1/score")
     async def score(request: Request) -> JSONResponse:
         body = await request.json()
         app.state.calls += 1
+        app.state.times.append(time.monotonic())
+        app.state.sizes.append(len(body["items"]))
         action = app.state.plan.pop(0) if app.state.plan else "ok"
+        if app.state.max_items is not None and len(body["items"]) > app.state.max_items:
+            return JSONResponse({"detail": "the images would decode to too much"}, status_code=413)
         if action in ("500", "503"):
             return JSONResponse({"detail": f"injected {action}"}, status_code=int(action))
+        if action == "busy":
+            return JSONResponse({"detail": "saturated"}, status_code=503, headers={"retry-after": "0.6"})
         if action == "slow":
             await asyncio.sleep(app.state.slow_s)
         items = body["items"]
@@ -69,7 +80,8 @@ def faulty():
 @pytest.fixture
 def plan(faulty):
     server, app = faulty
-    app.state.plan, app.state.calls = [], 0
+    app.state.plan, app.state.calls, app.state.times, app.state.sizes = [], 0, [], []
+    app.state.max_items = None
     return server, app
 
 
@@ -113,7 +125,7 @@ def test_slow_server_past_the_deadline(plan):
     with pytest.raises(ScorerUnavailableError, match="deadline of 1 s passed") as error:
         client(server.url, deadline_s=1.0).score(make_items(1))
     assert time.monotonic() - start < 2.5
-    assert "ReadTimeout" in str(error.value)
+    assert "no complete answer within" in str(error.value)
 
 
 def test_slow_attempt_is_retried_within_the_deadline(plan):
@@ -165,3 +177,36 @@ def test_server_down_can_flag(dead_url):
     assert batch.scored.shape == (2, 3) and not batch.scored.any()
     assert all(math.isnan(v) for v in batch.content_consistency.flatten().tolist())
     assert [d["item_id"] for d in batch.diagnostics] == ["chain0/g0", "chain0/g1"]
+
+
+def test_retry_after_is_honoured(plan):
+    server, app = plan
+    app.state.plan = ["busy"]
+    batch = client(server.url, backoff_s=0.01, backoff_max_s=0.01).score(make_items(1))
+    assert batch.scored.all() and app.state.calls == 2
+    assert app.state.times[1] - app.state.times[0] >= 0.6
+
+
+def test_a_request_too_large_for_the_server_is_split(plan):
+    server, app = plan
+    app.state.max_items = 1
+    items = make_items(4)
+    batch = client(server.url).score(items)
+    assert batch.scored.all() and [d["item_id"] for d in batch.diagnostics] == [i.item_id for i in items]
+    assert sorted(app.state.sizes) == [1, 1, 1, 1, 2, 2, 4]  # 4 -> 2 + 2 -> 1 + 1 + 1 + 1
+
+
+def test_requests_spread_over_endpoints_and_skip_a_dead_one(plan, dead_url):
+    server, app = plan
+    second = fault_app()
+    with BackgroundServer(second) as other:
+        scorer = client([dead_url, server.url, other.url], max_items_per_request=1, max_concurrent_requests=4)
+        items = make_items(12)
+        batch = scorer.score(items)
+        routes = {route["url"]: route for route in scorer.pool.describe()}
+        scorer.close()
+    assert batch.scored.all() and [d["item_id"] for d in batch.diagnostics] == [i.item_id for i in items]
+    assert app.state.calls >= 3 and second.state.calls >= 3 and app.state.calls + second.state.calls == 12
+    dead = routes[dead_url]
+    assert not dead["up"] and dead["consecutive_failures"] >= 1 and "ConnectError" in dead["last_error"]
+    assert dead["requests"] <= 4  # tried by the first wave at most, then skipped while it rests

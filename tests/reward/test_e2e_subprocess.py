@@ -57,7 +57,7 @@ def test_remote_scores_equal_in_process_scores(served, tiny_backend):
     assert torch.allclose(remote.content_consistency, local.content_consistency, atol=1e-5)
     assert remote.instruction_following.std() > 1e-2
     assert [d["item_id"] for d in remote.diagnostics] == [item.item_id for item in items]
-    health = httpx.get(f"{url}/health").json()
+    health = httpx.get(f"{url}/health", headers={"Authorization": "Bearer tok-123"}).json()
     assert health["backend"] == "transformers" and health["scorer"]["mode"] == "non_thinking"
 
 
@@ -82,7 +82,7 @@ def test_server_dying_mid_batch(tiny_qwen3vl_path, tmp_path):
         thread = threading.Thread(target=call)
         thread.start()
         deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/health", timeout=5).json()["in_flight_items"] == 0:
+        while httpx.get(f"{url}/health", timeout=5).json()["batching"]["in_flight_items"] == 0:
             assert time.monotonic() < deadline, "the batch never started"
             time.sleep(0.02)
         os.killpg(process.pid, signal.SIGKILL)

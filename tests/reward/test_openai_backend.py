@@ -34,7 +34,7 @@ def endpoint(tiny_backend, vocab_size):
 
 
 def make_backend(url: str, **kwargs) -> OpenAIBackend:
-    defaults = {"model": SERVED_NAME, "max_concurrency": 4, "timeout_s": 60.0, "backoff_s": 0.01, "seed": 0}
+    defaults = {"model": SERVED_NAME, "max_concurrency": 4, "timeout_s": 60.0}
     return OpenAIBackend(base_url=f"{url}/v1", **{**defaults, **kwargs})
 
 
@@ -164,3 +164,29 @@ def test_unreachable_endpoint_raises_naming_the_url():
             VLMJudge(backend).score(make_items(1, num_turns=1))
     finally:
         backend.close()
+
+
+def test_prompts_spread_over_endpoints_and_skip_a_dead_one():
+    """Three endpoints (one nobody listens on): every prompt answered, by the live two, as one endpoint would."""
+    from mtflow.reward.openai_compat_server import create_scripted_openai_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    first, second = (create_scripted_openai_app("m", latency_s=0.02) for _ in range(2))
+    items = make_items(6, num_turns=2, seed=17)
+    with BackgroundServer(first) as a, BackgroundServer(second) as b:
+        spread = OpenAIBackend([dead, f"{a.url}/v1", f"{b.url}/v1"], "m", max_retries=0, max_concurrency=8)
+        single = OpenAIBackend(f"{a.url}/v1", "m")
+        try:
+            both = VLMJudge(spread).score(items)
+            one = VLMJudge(single).score(items)
+            routes = spread.pool.describe()
+        finally:
+            spread.close()
+            single.close()
+    assert both.scored.all()
+    assert torch.equal(both.instruction_following, one.instruction_following)
+    assert torch.equal(both.content_consistency, one.content_consistency)
+    assert len(second.state.received) > 0 and len(first.state.received) > len(items) * 2 * 2  # both served
+    assert routes[0]["consecutive_failures"] >= 1 and not routes[0]["up"]

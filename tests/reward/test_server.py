@@ -58,9 +58,10 @@ def test_valid_request_and_open_health(guarded):
     payload = response.json()
     assert np.array(payload["instruction_following"]).shape == (2, 2)
     assert [d["item_id"] for d in payload["diagnostics"]] == ["chain0/g0", "chain0/g1"]
-    health = httpx.get(f"{guarded.url}/health").json()  # no token needed, no secrets in it
+    assert httpx.get(f"{guarded.url}/health").json() == {"status": "ok"}  # no configuration without the token
+    health = httpx.get(f"{guarded.url}/health", headers={"Authorization": f"bearer {TOKEN}"}).json()
     assert health["backend"] == "transformers" and health["model"].endswith("tiny-qwen3vl")
-    assert health["queue_depth"] == 0
+    assert health["batching"]["queue_depth"] == 0 and health["batching"]["requests"] == 1
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])
@@ -108,7 +109,7 @@ def test_undecodable_images_are_400(guarded):
     body["items"][0]["outputs"][1] = base64.b64encode(b"definitely not a png").decode()
     response = post(guarded, body)
     assert response.status_code == 400
-    assert "items[0] ('chain0/g0').outputs[1]: not a decodable image" in response.json()["detail"]
+    assert "items[0] ('chain0/g0').outputs[1]: not a PNG image" in response.json()["detail"]
     body["items"][0]["outputs"][1] = "%%% not base64 %%%"
     response = post(guarded, body)
     assert response.status_code == 400 and "not valid base64" in response.json()["detail"]
@@ -164,7 +165,7 @@ def test_concurrent_requests_are_batched(tiny_backend):
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
-        health = httpx.get(f"{server.url}/health").json()
+        health = httpx.get(f"{server.url}/health").json()["batching"]
     assert health["requests"] == clients and health["items"] == 2 * clients
     assert health["batches"] < clients, health  # fewer, larger backend batches than requests
     assert health["largest_batch"] > 2, health
@@ -215,28 +216,44 @@ def test_keep_alive_requests_are_not_delayed_by_nagle():
     assert min(durations) < 0.03, durations
 
 
-def test_a_failing_scorer_is_500_and_the_server_keeps_serving():
+def test_a_scorer_failure_stays_with_its_item():
+    """A batch the scorer fails on is scored again item by item: the poisoned item is unscored with the reason,
+    its batch mates get their scores, the answer is 200; a wrong-shaped answer is handled the same way."""
     from mtflow.reward.base import ScoreBatch
 
-    class Flaky:
-        """Fails, then answers with the wrong number of rows, then scores (IF 2, CC 4)."""
+    class Picky:
+        """IF 2, CC 4 for every turn; raises on any call that includes an item id ending in "poison"; answers
+        one row short on calls that include an item id ending in "short"."""
 
         def __init__(self) -> None:
-            self.calls = 0
+            self.calls: list[list[str]] = []
 
         def score(self, items):
-            self.calls += 1
-            if self.calls == 1:
+            ids = [item.item_id for item in items]
+            self.calls.append(ids)
+            if any(i.endswith("poison") for i in ids):
                 raise RuntimeError("judge exploded")
-            rows = len(items) - (1 if self.calls == 2 else 0)
+            rows = len(items) - (1 if any(i.endswith("short") for i in ids) else 0)
             full = torch.full((rows, items[0].num_turns), 2.0)
             return ScoreBatch(full, full + 2, torch.ones_like(full, dtype=torch.bool))
 
-    app = create_app(Flaky(), max_wait_ms=0.0)
+    scorer = Picky()
+    app = create_app(scorer, max_wait_ms=0.0)
+    items = make_items(4)
+    items[1].item_id = "x/poison"
+    items[2].item_id = "y/short"
     with BackgroundServer(app) as server:
-        first = post(server, body_of(make_items(2)), token=None)
-        second = post(server, body_of(make_items(2)), token=None)
-        third = post(server, body_of(make_items(2)), token=None)
-    assert first.status_code == 500 and "RuntimeError: judge exploded" in first.json()["detail"]
-    assert second.status_code == 500 and "shape (1, 2) for 2 items" in second.json()["detail"]
-    assert third.status_code == 200 and third.json()["content_consistency"] == [[4.0, 4.0], [4.0, 4.0]]
+        response = post(server, body_of(items), token=None)
+        health = httpx.get(f"{server.url}/health").json()["batching"]
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert payload["scored"] == [[True, True], [False, False], [False, False], [True, True]]
+    assert payload["content_consistency"][0] == [4.0, 4.0] and payload["content_consistency"][3] == [4.0, 4.0]
+    assert payload["instruction_following"][1] == [None, None]
+    poisoned, short = payload["diagnostics"][1], payload["diagnostics"][2]
+    assert poisoned["item_id"] == "x/poison" and "RuntimeError: judge exploded" in poisoned["error"]
+    assert short["item_id"] == "y/short" and "shape (0, 2) for 1 items" in short["error"]
+    assert payload["diagnostics"][0]["scored_alone"] is True
+    # one batch call, then each item alone once
+    assert scorer.calls == [[item.item_id for item in items]] + [[item.item_id] for item in items]
+    assert health["isolated_batches"] == 1 and health["failed_items"] == 2
