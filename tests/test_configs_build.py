@@ -63,16 +63,21 @@ def _fit_stacks() -> list[tuple[str, ...]]:
 
 
 def _grid_stacks(tmp_path: Path) -> list[tuple[str, list[str]]]:
-    """The first and the last run of every shipped grid (its axes' extremes): the config its run folder holds, as
-    ``mtflow fit --config`` reads it."""
-    from mtflow.sweeps import expand_grid
+    """The first and the last run of every shipped grid (its axes' extremes) as ``mtflow fit`` arguments: the grid's
+    base config stack, overrides, axis and cost-matched values."""
+    from mtflow.sweeps.grid import load_grid, resolve_run_config
 
     runs = []
     for name in _all_yamls():
         if _kind(name) == "grid":
-            plan = expand_grid(REPO_CONFIGS / name, tmp_path / "sweeps" / Path(name).stem)
-            ends = {plan.runs[0].index: plan.runs[0], plan.runs[-1].index: plan.runs[-1]}.values()
-            runs += [(f"{Path(name).stem}:{run.name}", ["--config", str(run.config_path)]) for run in ends]
+            grid = load_grid(REPO_CONFIGS / name)
+            assignments = grid.assignments()
+            for index in sorted({0, len(assignments) - 1}):
+                folder = tmp_path / Path(name).stem / f"r{index}"
+                _, derived = resolve_run_config(grid, assignments[index], folder, run_name=folder.name)
+                runs.append(
+                    (f"{Path(name).stem}:r{index}", grid.fit_arguments(assignments[index], folder, derived))
+                )
     return runs
 
 
