@@ -80,7 +80,15 @@ class LoRAModelParallelStrategy(ModelParallelStrategy):
         )
         self.replicate_size = replicate_size
 
+    def validate_layout(self) -> None:
+        """Check ``trainer.devices`` / ``num_nodes`` against the processes Slurm or torchrun started (their own
+        ``validate_settings``). Lightning runs this check only in the launcher it starts processes with, and
+        ``ModelParallelStrategy`` has none when they are started outside (srun, torchrun): a job with the wrong
+        ``--ntasks-per-node`` would hang in the rendezvous instead of saying so."""
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+
     def setup_environment(self) -> None:
+        self.validate_layout()
         # Lightning's "auto" means one data-parallel rank per node (and tensor parallelism inside it); this policy
         # has no tensor parallelism, so "auto" is every rank: the layout follows trainer.devices x num_nodes.
         if self._tensor_parallel_size == "auto":
