@@ -388,7 +388,7 @@ def write_slurm_array(
     out_path = Path(out_path) if out_path is not None else plan.sweep_dir / "slurm_array.sh"
     log_dir = plan.sweep_dir / "slurm"
     indices = [run.index for run in runs]
-    contiguous = indices == list(range(indices[0], indices[-1] + 1))
+    contiguous = len(indices) > 1 and indices == list(range(indices[0], indices[-1] + 1))
     array = f"{indices[0]}-{indices[-1]}" if contiguous else ",".join(str(i) for i in indices)
     array += f"%{max_parallel}" if max_parallel else ""
     directives = [
