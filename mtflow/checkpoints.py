@@ -26,6 +26,8 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
 def read_checkpoint(ckpt_path: str | Path, *, require_mtflow: bool = True) -> dict[str, Any]:
     """The checkpoint's dict (CPU tensors). ``require_mtflow``: refuse files not written by ``mtflow fit``."""
     path = Path(ckpt_path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (mtflow writes one .ckpt file)")
     if not path.is_file():
         raise MissingCheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:

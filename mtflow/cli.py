@@ -440,8 +440,13 @@ def _data(args: Sequence[str]) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(usage)
         return
-    if args[0] != "convert-edival":
-        raise SystemExit(f"unknown data command {args[0]!r}\n{usage}")
+    if args[0] != "convert-edival":  # as argparse does: usage, then the error as the last line, status 2
+        print(usage, file=sys.stderr)
+        print(
+            f"mtflow data: error: unknown data command {args[0]!r} (choose from: convert-edival)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     from mtflow.data.edival import main as convert_main
 
     code = convert_main(list(args[1:]))
