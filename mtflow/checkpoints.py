@@ -60,16 +60,20 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     """
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
+    handle = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as handle:
+        with open(temporary, "wb") as raw:
+            handle = _WriteErrors(raw)
             write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(temporary, path)
     except BaseException as error:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
+        if handle is not None and handle.error is not None and not isinstance(error, OSError):
+            error = handle.error  # torch.save reports a failed write as "[enforce fail ...] unexpected pos"
         if isinstance(error, OSError) and not isinstance(error, CheckpointWriteError):
             reason = error.strerror or str(error) or type(error).__name__
             kept = " (the previous checkpoint there is intact)" if path.exists() else ""
@@ -78,6 +82,25 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
             ) from error
         raise
     return path
+
+
+class _WriteErrors:
+    """A binary file that remembers the first ``OSError`` of a write (torch's zip writer replaces it by a
+    ``RuntimeError`` that does not say the disk is full)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
