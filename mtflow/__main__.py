@@ -1,5 +1,7 @@
-"""``python -m mtflow`` is the ``mtflow`` command."""
+"""``python -m mtflow`` is the ``mtflow`` command (same exit statuses and one-line errors)."""
 
-from mtflow.cli import main
+import sys
 
-main()
+from mtflow.cli import console_main
+
+sys.exit(console_main())

@@ -17,7 +17,9 @@ their grids with it).
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 import warnings
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
@@ -28,11 +30,16 @@ from typing import Any, Literal
 
 import yaml
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mtflow.checkpoints import read_checkpoint
+from mtflow import __version__
+from mtflow.checkpoints import CheckpointError, read_checkpoint
 from mtflow.data.module import ChainDataModule
+from mtflow.reward.base import ScorerUnavailableError
 from mtflow.training.callbacks import (
     HeldOutEvaluation,
     IterationCheckpoint,
@@ -40,6 +47,7 @@ from mtflow.training.callbacks import (
     RolloutImageLogger,
     RunStatusWriter,
 )
+from mtflow.training.callbacks.checkpoint import newest_checkpoint, resume_candidates
 from mtflow.training.migrate import migrate_hparams
 from mtflow.training.module import FlowRLModule
 
@@ -57,20 +65,95 @@ class MtflowTrainer(Trainer):
         output_dir: str = "lora_export",
         adapter: Literal["default", "ema"] = "default",
         datamodule: ChainDataModule | None = None,
+        weights_only: bool | None = None,
     ) -> Path:
         """Write a trained LoRA as ``pytorch_lora_weights.safetensors`` for diffusers and ComfyUI.
 
         Args:
-            model: the module of the run (only its policy's LoRA settings are read).
-            ckpt_path: a checkpoint written by ``mtflow fit``.
+            model: the module of the run (not needed: the checkpoint carries the LoRA settings).
+            ckpt_path: a checkpoint written by ``mtflow fit`` ("last": the newest of the config's run).
             output_dir: folder to write into.
             adapter: "default" (the trained adapter) or "ema".
+            weights_only: accepted so that a run's saved ``config.yaml`` (which holds fit's value) can be passed;
+                export always reads the checkpoint as data only, so ``false`` is refused.
         """
-        from mtflow.export import export_checkpoint
+        return export_lora(ckpt_path, output_dir, adapter, weights_only)
 
-        path = export_checkpoint(ckpt_path, output_dir, adapter=adapter)
-        print(f"wrote {path}")
-        return path
+
+def export_lora(ckpt_path: str, output_dir: str, adapter: str, weights_only: bool | None = None) -> Path:
+    """``mtflow export``: the checkpoint's adapter as ``pytorch_lora_weights.safetensors``."""
+    from mtflow.export import export_checkpoint
+
+    if weights_only is False:
+        raise CheckpointError(
+            f"{ckpt_path}: export reads checkpoints as data only; weights_only=false is refused"
+        )
+    path = export_checkpoint(ckpt_path, output_dir, adapter=adapter)
+    print(f"wrote {path}")
+    return path
+
+
+SECRET_NAMES = ("token", "api_key", "password", "secret")
+
+
+def _is_secret(name: str) -> bool:
+    return any(name == s or name.endswith("_" + s) for s in SECRET_NAMES)
+
+
+def redact_secrets(config: Any, found: list[str] | None = None, where: str = "") -> list[str]:
+    """Replace, in place, every secret-named argument (``token``, ``api_key``, ``*_token``, ...) of a class in a parsed
+    config by the class's default, so that no secret typed on the command line or in a config reaches a file on
+    disk; returns the dotted keys that were replaced. ``token_env``-style arguments (a variable's name) stay."""
+    found = [] if found is None else found
+    if isinstance(config, list):
+        for index, value in enumerate(config):
+            redact_secrets(value, found, f"{where}[{index}]")
+        return found
+    if not isinstance(config, (Namespace, dict)):
+        return found
+    items = vars(config) if isinstance(config, Namespace) else config
+    class_path = items.get("class_path")
+    init_args = items.get("init_args")
+    if isinstance(class_path, str) and isinstance(init_args, (Namespace, dict)):
+        arguments = vars(init_args) if isinstance(init_args, Namespace) else init_args
+        defaults = _init_defaults(class_path)
+        for name in list(arguments):
+            if _is_secret(name) and arguments[name] is not None and arguments[name] != defaults.get(name):
+                arguments[name] = defaults.get(name)
+                found.append(f"{where}.init_args.{name}".lstrip("."))
+    for key, value in items.items():
+        redact_secrets(value, found, f"{where}.{key}".lstrip("."))
+    return found
+
+
+def _init_defaults(class_path: str) -> dict[str, Any]:
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        signature = inspect.signature(getattr(importlib.import_module(module), name).__init__)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}
+    return {p.name: (None if p.default is p.empty else p.default) for p in signature.parameters.values()}
+
+
+class SecretFreeSaveConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` of the run, without secrets: a token given on the command line
+    (``--model.scorer.init_args.token``) is replaced by its default, and the run's copy says to use ``token_env``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved:
+            self.config = self.config.clone()
+            removed = redact_secrets(self.config)
+            if removed and trainer.is_global_zero:
+                logging.getLogger(__name__).warning(
+                    "not written to the run's %s: %s (secrets stay off disk; give them with token_env / "
+                    "api_key_env when re-using that config)",
+                    self.config_filename,
+                    ", ".join(removed),
+                )
+        super().setup(trainer, pl_module, stage)
 
 
 class MtflowCLI(LightningCLI):
@@ -103,7 +186,7 @@ class MtflowCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": "runs", "name": "mtflow"},
                 },
-                "trainer.enable_checkpointing": False,  # IterationCheckpoint saves LoRA-only checkpoints
+                "trainer.enable_checkpointing": True,  # through IterationCheckpoint (LoRA-only; false: none)
                 "trainer.num_sanity_val_steps": 0,
             }
         )
@@ -114,13 +197,18 @@ class MtflowCLI(LightningCLI):
         # export) the checkpoint fills in the model, but what the user typed (--model.evaluation.conditions=[model],
         # ...) still wins: Lightning would drop it silently. Hyperparameters written by v0.1 (flat arguments) are
         # migrated to the typed groups first.
+        # A checkpoint path is checked here, before any model is built or Lightning reads it: a missing, empty,
+        # truncated, corrupt or foreign file is one line naming it (mtflow.checkpoints.read_checkpoint).
         subcommand = self.config.get("subcommand")
-        if subcommand in (None, "fit"):
+        if subcommand is None:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_NAMES:
             return
-        hparams = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        checkpoint = read_checkpoint(ckpt_path)
+        if subcommand in ("fit", "export"):
+            return  # fit: the given config wins; export reads the checkpoint alone
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         for private in ("_instantiator", "_class_path"):
             hparams.pop(private, None)
         if not hparams:
@@ -136,6 +224,54 @@ class MtflowCLI(LightningCLI):
         for key, value in before.items():
             self.config[f"{subcommand}.model.{key}"] = value
 
+    def instantiate_classes(self) -> None:
+        if self.subcommand == "export":
+            # export reads the checkpoint alone: no policy, judge (and its token) or trainer (and its GPUs) is built
+            self.model = self.datamodule = self.trainer = None
+            return
+        super().instantiate_classes()
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
+        if (
+            config.get("enable_checkpointing") is False
+        ):  # checkpoints off: the checkpoint group does not apply
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        config = self.config_init[subcommand] if subcommand != "export" else self.config[subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = self._last_checkpoint(subcommand)
+        if subcommand == "export":
+            export_lora(
+                config["ckpt_path"], config["output_dir"], config["adapter"], config.get("weights_only")
+            )
+            return
+        super()._run_subcommand(subcommand)
+
+    def _last_checkpoint(self, subcommand: str) -> str:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this config's run (its earlier versions included) or
+        Slurm-requeue checkpoint, checked like any given path. Without one, ``fit`` starts from scratch (Lightning's
+        set-and-forget convention, so a requeued or resubmitted job uses one command line); the others refuse."""
+        if self.trainer is not None:
+            candidates = [
+                Path(p)
+                for c in self.trainer.checkpoint_callbacks
+                if isinstance(c, ModelCheckpoint)
+                for p in c._find_last_checkpoints(self.trainer)
+            ]
+        else:
+            candidates = _last_candidates_from_config(self.config[subcommand])
+        newest = newest_checkpoint(candidates)
+        if newest is None:
+            if subcommand == "fit":
+                return "last"  # Lightning warns and starts from scratch
+            raise CheckpointError(
+                "--ckpt_path last: no last.ckpt of this config's run found; pass the checkpoint's path"
+            )
+        read_checkpoint(newest)
+        return str(newest)
+
     def before_instantiate_classes(self) -> None:
         # RichProgressBar refuses enable_progress_bar=False; add it only where a bar is wanted and none is set.
         config = self.config.get(str(self.subcommand), self.config)
@@ -146,6 +282,27 @@ class MtflowCLI(LightningCLI):
             self.trainer_defaults.setdefault("callbacks", [])
             if not any(isinstance(c, IterationProgressBar) for c in self.trainer_defaults["callbacks"]):
                 self.trainer_defaults["callbacks"].append(IterationProgressBar(leave=True))
+
+
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # ckpt_path values Lightning resolves itself
+
+
+def _last_candidates_from_config(config: Namespace) -> list[Path]:
+    """``resume_candidates`` of a parsed (not instantiated) config: its checkpoint folder, or its logger's version
+    folders, and its ``default_root_dir``."""
+    root = Path(config.get("trainer.default_root_dir") or Path.cwd())
+    dirpath = config.get("checkpoint.dirpath")
+    logger = config.get("trainer.logger")
+    init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    versions_root = None
+    if dirpath is None and init_args is not None and init_args.get("name") is not None:
+        base = Path(init_args.get("save_dir") or root) / str(init_args.get("name"))
+        version = init_args.get("version")
+        if version is None:
+            versions_root = base
+        else:
+            dirpath = base / (version if isinstance(version, str) else f"version_{version}") / "checkpoints"
+    return resume_candidates(dirpath, versions_root, root)
 
 
 def _with_default_config(argv: list[str]) -> list[str]:
@@ -163,7 +320,8 @@ EXTRA_HELP = (
     "more commands (each with --help): "
     "mtflow serve-reward (the judge as an HTTP service), "
     "mtflow data convert-edival (an EdiVal CSV to a chain manifest), "
-    "mtflow sweep (expand, run and collect G x T ablation sweeps). "
+    "mtflow sweep (expand, run and collect G x T ablation sweeps), "
+    "mtflow --version. "
     "Without --config, `mtflow fit` runs the embedded toy world (configs/toy.yaml)."
 )
 
@@ -203,6 +361,7 @@ def _cli_setup() -> dict[str, Any]:
         "datamodule_class": ChainDataModule,
         "subclass_mode_data": True,
         "trainer_class": MtflowTrainer,
+        "save_config_callback": SecretFreeSaveConfig,
         "save_config_kwargs": {"overwrite": True},
         "auto_configure_optimizers": False,
     }
@@ -281,11 +440,18 @@ def _data(args: Sequence[str]) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(usage)
         return
-    if args[0] != "convert-edival":
-        raise SystemExit(f"unknown data command {args[0]!r}\n{usage}")
+    if args[0] != "convert-edival":  # as argparse does: usage, then the error as the last line, status 2
+        print(usage, file=sys.stderr)
+        print(
+            f"mtflow data: error: unknown data command {args[0]!r} (choose from: convert-edival)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     from mtflow.data.edival import main as convert_main
 
-    convert_main(list(args[1:]))
+    code = convert_main(list(args[1:]))
+    if code:
+        raise SystemExit(code)  # the converter printed why
 
 
 def _sweep(args: Sequence[str]) -> None:
@@ -308,17 +474,57 @@ def main(args: Sequence[str] | None = None) -> MtflowCLI | None:
 
     Returns the LightningCLI object for fit / validate / test / export (its ``model`` and ``trainer``)."""
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"mtflow {__version__}")
+        return None
     if argv and argv[0] in EXTRA_COMMANDS:
         EXTRA_COMMANDS[argv[0]](argv[1:])
         return None
     return _lightning_main(_with_default_config(argv))
 
 
-def console_main() -> int:
+# Failures a user causes or meets (bad config values, files, checkpoints, an unreachable judge, a full disk, an
+# unavailable accelerator): one line naming the problem, exit status 1. Anything else is a bug: its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    OSError,
+    FloatingPointError,
+    MisconfigurationException,
+    ScorerUnavailableError,
+)
+
+
+def console_main(args: Sequence[str] | None = None) -> int:
     """The ``mtflow`` console script: ``main`` with an exit status (``sys.exit(main())`` would print the returned
-    CLI object and exit 1 after a successful fit)."""
-    main()
+    CLI object and exit 1 after a successful fit). A failure of the kinds in ``USER_ERRORS`` prints one line
+    ``mtflow <command>: error: ...`` and exits 1 (``MTFLOW_TRACEBACK=1`` shows the traceback too); a SIGTERM stop
+    (Slurm preemption, requeue, time limit) exits 143."""
+    argv = list(sys.argv[1:] if args is None else args)
+    command = "mtflow" + (f" {argv[0]}" if argv and not argv[0].startswith("-") else "")
+    try:
+        main(argv)
+    except SIGTERMException:
+        print(f"{command}: stopped by SIGTERM; resume with --ckpt_path last", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if os.environ.get("MTFLOW_TRACEBACK"):
+            traceback.print_exc()
+        print(f"{command}: error: {_describe_error(error)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _describe_error(error: BaseException) -> str:
+    message = str(error).strip()
+    if isinstance(error, OSError) and error.strerror and not isinstance(error, CheckpointError):
+        where = f": {error.filename}" if error.filename else ""
+        message = f"{error.strerror}{where}"
+        if error.filename2:
+            message += f" -> {error.filename2}"
+    return message or type(error).__name__
 
 
 if __name__ == "__main__":

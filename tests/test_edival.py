@@ -102,7 +102,10 @@ def test_convert_writes_a_manifest_the_dataset_loads(tmp_path, edival_images):
     assert len(lines) == 572
     first = json.loads(lines[0])
     assert first["split"] == "test" and not Path(first["image"]).is_absolute()
-    dataset = ManifestDataset(out, num_turns=3, split="test")
+    # the images folder is not below the manifest's: its paths leave the folder, refused unless allowed
+    with pytest.raises(ValueError, match="leaves the manifest's folder"):
+        ManifestDataset(out, num_turns=3, split="test")
+    dataset = ManifestDataset(out, num_turns=3, split="test", allow_outside_paths=True)
     assert len(dataset) == 572
     chain = dataset[3]
     assert chain.chain_id == "3" and chain.source.size == (8, 8)

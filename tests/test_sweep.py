@@ -473,8 +473,12 @@ def test_local_runner_subprocesses_and_failure_bookkeeping(tmp_path):
     assert silent.wall_clock_s > 0
 
 
-def test_slurm_array_script_runs_a_task_and_records_its_failure(tmp_path):
+def test_slurm_array_script_runs_a_task_and_records_its_failure(tmp_path, monkeypatch):
     plan = expand_grid(_grid(tmp_path, axes={MODE: ["ok", "crash"]}), tmp_path / "sweep")
+    srun = tmp_path / "bin" / "srun"  # Slurm's launcher stands in as "run the command once"
+    srun.parent.mkdir()
+    srun.write_text('#!/bin/bash\nexec "$@"\n')
+    srun.chmod(0o755)
     script = write_slurm_array(
         plan,
         command_builder=lambda run: [
@@ -484,20 +488,21 @@ def test_slurm_array_script_runs_a_task_and_records_its_failure(tmp_path):
             run.name,
         ],
         partition="gpu",
-        gpus_per_node=8,
         max_parallel=1,
         setup_lines=["export MTFLOW_TEST=1"],
         python=sys.executable,
     )
     text = script.read_text()
-    assert (
-        "#SBATCH --array=0-1%1" in text
-        and "#SBATCH --partition=gpu" in text
-        and "#SBATCH --gpus-per-node=8" in text
-    )
+    assert "#SBATCH --array=0-1%1" in text and "#SBATCH --partition=gpu" in text
+    assert "#SBATCH --ntasks-per-node=1" in text and "--gpus-per-node" not in text  # toy.yaml: 1 CPU device
     assert "export MTFLOW_TEST=1" in text
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "42"}
+    env = {
+        **os.environ,
+        "SLURM_ARRAY_TASK_ID": "1",
+        "SLURM_JOB_ID": "42",
+        "PATH": f"{srun.parent}:{os.environ['PATH']}",
+    }
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert done.returncode == 7, done.stderr
     status = RunStatus.read(plan.runs[1].directory)
@@ -538,20 +543,24 @@ def test_cli_expand_and_metrics_reader(tmp_path, capsys):
 
 def test_the_trainer_writes_status_json_through_the_one_run_status(tmp_path):
     """The RunStatusWriter callback writes status.json in RunStatus's format (what runners and collect read), with
-    the iteration it reached; its checkpoint state keeps the key written before the class was renamed."""
+    the module's own counters (the values its checkpoints hold)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from mtflow.training.callbacks import RunStatusWriter
 
     trainer = SimpleNamespace(_mtflow_run_dir=tmp_path / "run", is_global_zero=True, world_size=2)
-    module = SimpleNamespace(iteration=3, last_rollout=SimpleNamespace(num_trajectories=8))
+    module = SimpleNamespace(iteration=3, samples_seen=48)
     writer = RunStatusWriter()
     writer.on_fit_start(trainer, module)
     running = RunStatus.read(tmp_path / "run")
-    assert (running.status, running.samples_seen, running.iteration, running.error) == ("running", 0, 3, None)
+    assert (running.status, running.samples_seen, running.iteration, running.error) == ("running", 48, 3, None)
+    module.iteration, module.samples_seen = 4, 64
     writer.on_train_batch_end(trainer, module, None, None, 0)
     writer.on_exception(trainer, module, RuntimeError("judge unreachable"))
     status = RunStatus.read(tmp_path / "run")
-    assert (status.status, status.samples_seen, status.iteration) == ("failed", 16, 3)
+    assert (status.status, status.samples_seen, status.iteration) == ("failed", 64, 4)
     assert status.error == "RuntimeError: judge unreachable"
     data = json.loads((tmp_path / "run" / "status.json").read_text())
     assert list(data) == ["status", "wall_clock_s", "samples_seen", "iteration", "error"]
-    assert writer.state_key == "RunStatus" and writer.state_dict() == {"samples_seen": 16}
+    writer.on_exception(trainer, module, SIGTERMException())
+    assert "stopped by SIGTERM after iteration 4" in RunStatus.read(tmp_path / "run").error

@@ -345,7 +345,7 @@ def test_grpo_ema_adapter_follows_its_recurrence_and_is_what_gets_evaluated(
         tmp_path,
         model={"algorithm": algorithm("GRPO"), "ema_decay": decay, "max_iterations": 3},
     )
-    config["checkpoint"] = {"every_n_iterations": 1, "keep_every": True}
+    config["checkpoint"] = {"every_n_iterations": 1, "save_top_k": -1}
     cli = _fit(config, tmp_path)
     assert cli.model.algorithm.sampling_adapter == "default" and cli.model.eval_adapter == "ema"
     folder = tmp_path / "run" / "version_0" / "checkpoints"

@@ -333,6 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"read {result.num_rows} rows -> {result.num_chains} chains; wrote {result.num_written} to {args.out}"
     )
+    folder = Path(args.out).resolve().parent
+    if result.num_written and not Path(args.images).resolve().is_relative_to(folder):
+        print(
+            f"note: the images are outside {folder}; train on this manifest with "
+            "--data.init_args.allow_outside_paths=true, or write it into a folder that holds the images"
+        )
     skipped = {**{cid: str(p) for cid, p in result.missing_images.items()}, **result.unreadable_images}
     if skipped:
         print(f"skipped {len(skipped)} chain(s) without a usable image:", file=sys.stderr)

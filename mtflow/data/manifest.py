@@ -5,8 +5,10 @@ One chain per line::
     {"id": "0", "image": "images/0_input_raw.jpg", "instructions": ["...", "...", "..."],
      "edit_types": ["subject_add", "count_change", "background_change"], "split": "test", "metadata": {...}}
 
-``image`` is relative to the manifest's folder (absolute paths are allowed). ``edit_types``, ``split`` and
-``metadata`` are optional; any other key is an error (a typo such as ``"instruction"`` must not pass silently).
+``image`` is relative to the manifest's folder and must stay inside it (after following symbolic links): an absolute
+path, a ``..`` that leaves the folder or a link to elsewhere is refused unless ``allow_outside_paths`` is set, so a
+manifest from elsewhere cannot make training read (and send to the judge) arbitrary files. ``edit_types``, ``split``
+and ``metadata`` are optional; any other key is an error (a typo such as ``"instruction"`` must not pass silently).
 ``load_manifest`` checks every line before anything trains and raises one ``ManifestError`` that lists every bad
 line with its number; nothing is silently skipped.
 """
@@ -129,6 +131,21 @@ def _check_string_list(value: Any, name: str, num_turns: int | None, problems: l
     return cleaned if ok else None
 
 
+OUTSIDE_HINT = "data.init_args.allow_outside_paths=true allows images outside the manifest's folder"
+
+
+def outside_path_problem(image: str, base_dir: Path) -> str | None:
+    """Why ``image`` (as written in a manifest in ``base_dir``) is not inside ``base_dir``, or None if it is."""
+    if Path(image).is_absolute():
+        return f"absolute image path {image!r} is refused ({OUTSIDE_HINT})"
+    if os.path.normpath(image).split(os.sep)[0] == os.pardir:
+        return f"image path {image!r} leaves the manifest's folder {base_dir} ({OUTSIDE_HINT})"
+    resolved = (base_dir / image).resolve()
+    if not resolved.is_relative_to(base_dir.resolve()):
+        return f"image path {image!r} links outside the manifest's folder, to {resolved} ({OUTSIDE_HINT})"
+    return None
+
+
 def check_image(path: Path, max_pixels: int | None) -> str | None:
     """Open and fully decode an image; return a description of what is wrong, or None if it is usable."""
     if not path.is_file():
@@ -155,6 +172,7 @@ def load_manifest(
     split: str | None = None,
     check_images: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    allow_outside_paths: bool = False,
 ) -> list[ManifestEntry]:
     """Read and validate a JSONL manifest; raise one ``ManifestError`` listing every bad line.
 
@@ -165,6 +183,7 @@ def load_manifest(
             only for the kept lines, since only they are used).
         check_images: open and fully decode every kept image (missing, corrupt and oversized images fail).
         max_pixels: largest accepted width * height (None: no limit besides PIL's decompression-bomb guard).
+        allow_outside_paths: accept image paths outside the manifest's folder (absolute, ``..``, links out).
 
     Returns:
         The kept entries in file order.
@@ -248,6 +267,11 @@ def load_manifest(
 
         kept = split is None or line_split == split
         splits_seen.add(line_split if isinstance(line_split, str) else None)
+        if isinstance(image_value, str) and not allow_outside_paths:
+            outside = outside_path_problem(image_value, base_dir)
+            if outside is not None:
+                line_problems.append(outside)
+                image_value = None  # never opened
         if kept and check_images and isinstance(image_value, str):
             image_problem = check_image(base_dir / image_value, max_pixels)
             if image_problem is not None:
@@ -300,6 +324,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         split: str | None = None,
         check_images: bool = True,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        allow_outside_paths: bool = False,
     ):
         """
         Args:
@@ -308,11 +333,17 @@ class ManifestDataset(torch.utils.data.Dataset):
             split: keep only chains of this split (None keeps all).
             check_images: decode every image once at construction so bad files fail before training.
             max_pixels: largest accepted source image (width * height); None for no limit.
+            allow_outside_paths: accept image paths outside the manifest's folder (absolute, ``..``, links out).
         """
         self.manifest = Path(manifest)
         self.num_turns = num_turns
         self.entries = load_manifest(
-            self.manifest, num_turns, split=split, check_images=check_images, max_pixels=max_pixels
+            self.manifest,
+            num_turns,
+            split=split,
+            check_images=check_images,
+            max_pixels=max_pixels,
+            allow_outside_paths=allow_outside_paths,
         )
 
     def __len__(self) -> int:
@@ -345,5 +376,6 @@ __all__ = [
     "check_image",
     "load_manifest",
     "load_source_image",
+    "outside_path_problem",
     "write_manifest",
 ]

@@ -84,6 +84,7 @@ class ManifestDataModule(ChainDataModule):
         train_split: str | None = None,
         val_split: str | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        allow_outside_paths: bool = False,
         batch_size: int = 1,
         val_batch_size: int = 4,
         seed: int | None = None,
@@ -97,6 +98,8 @@ class ManifestDataModule(ChainDataModule):
             train_split: keep only lines whose "split" equals this in the training manifest.
             val_split: keep only lines whose "split" equals this in the validation manifest.
             max_pixels: largest accepted source image (width * height).
+            allow_outside_paths: accept manifest image paths outside the manifest's folder (absolute, "..", links
+                out); off, a manifest cannot make training read arbitrary files.
             batch_size: chains per rank per RL iteration (B).
             val_batch_size: chains per rank per validation batch.
             seed: seed of the training order (None: the run's ``seed_everything``).
@@ -109,12 +112,19 @@ class ManifestDataModule(ChainDataModule):
         self.train_split = train_split
         self.val_split = val_split
         self.max_pixels = max_pixels
+        self.allow_outside_paths = allow_outside_paths
 
     def build_sources(self) -> dict[str, ChainSource | None]:
         def load(path: str | None, split: str | None) -> ChainSource | None:
             if path is None:
                 return None
-            return ManifestDataset(path, self.num_turns, split=split, max_pixels=self.max_pixels)
+            return ManifestDataset(
+                path,
+                self.num_turns,
+                split=split,
+                max_pixels=self.max_pixels,
+                allow_outside_paths=self.allow_outside_paths,
+            )
 
         return {
             "train": load(self.train_manifest, self.train_split),

@@ -1,8 +1,8 @@
 """``mtflow sweep {expand,run,slurm,wandb,collect,mark-failed}``: the command line of ``mtflow.sweeps``.
 
 mtflow sweep expand --grid configs/sweeps/G_T.yaml --out sweeps/G_T   # one folder + resolved config per run
-mtflow sweep run --grid configs/sweeps/G_T.yaml --out sweeps/G_T      # ... and run them one after another
-mtflow sweep slurm --grid configs/sweeps/G_T.yaml --out sweeps/G_T    # or a Slurm array script
+mtflow sweep run --grid configs/sweeps/G_T.yaml --out sweeps/G_T      # ... and run them (--parallel N --gpus ...)
+mtflow sweep slurm --grid configs/sweeps/G_T.yaml --out sweeps/G_T    # or a Slurm array script (auto-requeue)
 mtflow sweep wandb --grid configs/sweeps/G_T.yaml --out sweeps/G_T    # or a W&B sweep file
 mtflow sweep collect sweeps/G_T                                       # summary.csv/.md and figures
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from mtflow.sweeps.collect import collect
 from mtflow.sweeps.grid import DEFAULT_GROUP_KEY, DEFAULT_STEPS_KEY, expand_grid, load_grid
 from mtflow.sweeps.launchers import default_fit_command, run_local, write_slurm_array, write_wandb_sweep
-from mtflow.sweeps.status import SweepError, mark_failed
+from mtflow.sweeps.status import RunStatus, SweepError, mark_failed
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -33,21 +33,33 @@ def build_arg_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace a different plan in --out")
 
     with_grid(sub.add_parser("expand", help="validate every run's config, write the run folders and configs"))
-    run = sub.add_parser("run", help="expand, then run every run locally one after another")
+    run = sub.add_parser("run", help="expand, then run the runs locally (one after another, or side by side)")
     with_grid(run)
     run.add_argument("--python", default=sys.executable, help="interpreter for the runs")
     run.add_argument("--rerun-completed", action="store_true", help="also rerun runs already completed")
     run.add_argument("--stop-on-failure", action="store_true")
+    run.add_argument("--parallel", type=int, default=1, help="runs side by side (each must use one device)")
+    run.add_argument(
+        "--gpus",
+        default="",
+        help="GPU ids shared out among the parallel runs, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES)",
+    )
     slurm = sub.add_parser("slurm", help="expand, then write a Slurm array script")
     with_grid(slurm)
     slurm.add_argument("--python", default="python", help="interpreter on the cluster nodes")
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
     slurm.add_argument("--time", default="04:00:00")
-    slurm.add_argument("--gpus-per-node", type=int)
     slurm.add_argument("--cpus-per-task", type=int)
     slurm.add_argument("--mem")
     slurm.add_argument("--max-parallel", type=int)
+    slurm.add_argument(
+        "--requeue-signal-s",
+        type=int,
+        default=90,
+        help="seconds before the time limit Slurm sends SIGUSR1 (save and requeue); above one iteration's time",
+    )
+    slurm.add_argument("--rerun-completed", action="store_true", help="also put completed runs in the array")
     slurm.add_argument(
         "--setup", action="append", default=[], help="shell line run before each task (repeatable)"
     )
@@ -61,6 +73,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     coll.add_argument("--group-key", default=DEFAULT_GROUP_KEY, help="config key of G")
     coll.add_argument("--steps-key", default=DEFAULT_STEPS_KEY, help="config key of T")
     coll.add_argument("--reward-key", default="reward/mean")
+    done = sub.add_parser(
+        "is-completed", help="exit 0 if the run's status is completed (used by the Slurm script)"
+    )
+    done.add_argument("run_dir", type=Path)
     failed = sub.add_parser("mark-failed", help="record a failed run (used by the Slurm script)")
     failed.add_argument("run_dir", type=Path)
     failed.add_argument("--code", type=int, required=True)
@@ -77,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f" (Slurm log {args.log})" if args.log else ""
             mark_failed(args.run_dir, f"command exited with code {args.code}{where}", args.wall_clock_s)
             return 0
+        if args.command == "is-completed":
+            status = RunStatus.read(args.run_dir)
+            return 0 if status is not None and status.status == "completed" else 1
         if args.command == "collect":
             summary = collect(
                 args.sweep_dir, group_key=args.group_key, steps_key=args.steps_key, reward_key=args.reward_key
@@ -92,27 +111,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda r: default_fit_command(r, python=args.python),
                 skip_completed=not args.rerun_completed,
                 stop_on_failure=args.stop_on_failure,
+                parallel=args.parallel,
+                gpus=[g for g in args.gpus.split(",") if g.strip()],
+                report=lambda line: print(line, flush=True),
             )
             failed_runs = [o for o in outcomes if o.status.status != "completed"]
-            for outcome in outcomes:
-                note = " (already completed)" if outcome.skipped else ""
-                print(f"  {outcome.run.name}: {outcome.status.status}{note}")
+            for outcome in failed_runs:
+                error = (outcome.status.error or "").splitlines()
+                print(f"  {outcome.run.name}: {outcome.status.status}: {error[0] if error else ''}")
+            print(f"{len(outcomes) - len(failed_runs)} of {len(plan.runs)} runs completed")
             return 1 if failed_runs else 0
         if args.command == "slurm":
             path = write_slurm_array(
                 plan,
-                command_builder=lambda r: default_fit_command(r, python=args.python),
+                command_builder=lambda r: default_fit_command(r, python=args.python, resume=True),
                 partition=args.partition,
                 account=args.account,
                 time_limit=args.time,
-                gpus_per_node=args.gpus_per_node,
                 cpus_per_task=args.cpus_per_task,
                 mem=args.mem,
                 max_parallel=args.max_parallel,
+                requeue_signal_s=args.requeue_signal_s,
                 setup_lines=args.setup,
                 python=args.python,
+                skip_completed=not args.rerun_completed,
             )
-            print(f"wrote {path}; submit with: sbatch {path}")
+            if path is None:
+                print(f"every run of {plan.name!r} is completed; nothing to submit")
+            else:
+                print(f"wrote {path}; submit with: sbatch {path}")
         if args.command == "wandb":
             path = write_wandb_sweep(
                 plan, grid=grid, mode=args.mode, project=args.project, entity=args.entity

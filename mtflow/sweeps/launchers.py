@@ -1,16 +1,21 @@
-"""Launching the runs of an expanded sweep: one after another on this machine (subprocesses, or in this process for
-tests), as a Slurm array script, or as a W&B sweep file. Every launcher runs ``mtflow fit --config
-<run>/config.yaml`` and records a run that failed without saying so in its ``status.json``."""
+"""Launching the runs of an expanded sweep: on this machine (subprocesses, one after another or several side by side
+on their own GPUs; or in this process for tests), as a Slurm array script, or as a W&B sweep file. Every launcher
+runs ``mtflow fit --config <run>/config.yaml``, skips runs already completed, and records a run that failed without
+saying so in its ``status.json``."""
 
 from __future__ import annotations
 
+import math
 import os
+import queue
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +27,11 @@ from mtflow.sweeps.plan import LOG_FILE, SweepPlan, SweepRun
 from mtflow.sweeps.status import RunStatus, SweepError, mark_failed
 
 
-def default_fit_command(run: SweepRun, python: str = sys.executable) -> list[str]:
-    """``python -m mtflow fit --config <run>/config.yaml``."""
-    return [python, "-m", "mtflow", "fit", "--config", str(run.config_path)]
+def default_fit_command(run: SweepRun, python: str = sys.executable, resume: bool = False) -> list[str]:
+    """``python -m mtflow fit --config <run>/config.yaml`` (``resume``: ``--ckpt_path last``, so a requeued or
+    resubmitted run continues from its newest checkpoint, and starts from scratch when it has none)."""
+    command = [python, "-m", "mtflow", "fit", "--config", str(run.config_path)]
+    return command + (["--ckpt_path", "last"] if resume else [])
 
 
 def default_fit_args(run: SweepRun) -> list[str]:
@@ -64,29 +71,122 @@ def _finish(run: SweepRun, ok: bool, failure: str, wall_clock_s: float) -> RunSt
     return mark_failed(run.directory, failure, wall_clock_s)
 
 
+def _is_completed(run: SweepRun) -> RunStatus | None:
+    try:
+        previous = RunStatus.read(run.directory)
+    except SweepError:  # a half-written or foreign status file: the run is simply rerun
+        return None
+    return previous if previous is not None and previous.status == "completed" else None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
+class _Progress:
+    """One line per run as it starts and as it ends, with the sweep's estimated time left (the mean wall clock of
+    the runs finished so far x the runs left / the runs side by side)."""
+
+    def __init__(self, total: int, parallel: int, report: Callable[[str], None] | None) -> None:
+        self.total, self.parallel, self.report = total, parallel, report
+        self.finished: list[float] = []
+        self.lock = threading.Lock()
+
+    def _eta(self, left: int) -> str:
+        if not self.finished:
+            return "ETA after the first run"
+        mean = sum(self.finished) / len(self.finished)
+        return f"ETA {_duration(mean * math.ceil(left / self.parallel))}" if left else "sweep done"
+
+    def started(self, run: SweepRun, where: str) -> None:
+        if self.report is not None:
+            with self.lock:
+                left = self.total - len(self.finished)
+                self.report(
+                    f"[{len(self.finished)}/{self.total}] {run.name}: started{where}; {self._eta(left)}"
+                )
+
+    def ended(self, run: SweepRun, status: RunStatus, seconds: float) -> None:
+        with self.lock:
+            self.finished.append(seconds)
+            if self.report is not None:
+                detail = f" at iteration {status.iteration}" if status.iteration is not None else ""
+                left = self.total - len(self.finished)
+                self.report(
+                    f"[{len(self.finished)}/{self.total}] {run.name}: {status.status}{detail} in "
+                    f"{_duration(seconds)}; {self._eta(left)}"
+                )
+
+
 def _run_all(
     plan: SweepPlan,
-    execute: Callable[[SweepRun], tuple[bool, str, int | None]],
+    execute: Callable[[SweepRun, int], tuple[bool, str, int | None]],
     skip_completed: bool,
     stop: bool,
+    parallel: int = 1,
+    report: Callable[[str], None] | None = None,
+    slot_names: Sequence[str] = (),
 ) -> list[RunOutcome]:
-    outcomes = []
+    """Run ``execute(run, slot)`` for every run (``parallel`` at once, slot in 0..parallel-1) and record outcomes in
+    plan order; runs never started because of ``stop`` are left out."""
+    outcomes: dict[int, RunOutcome] = {}
+    todo = []
     for run in plan.runs:
+        previous = _is_completed(run) if skip_completed else None
+        if previous is not None:
+            outcomes[run.index] = RunOutcome(run=run, status=previous, skipped=True)
+            if report is not None:
+                report(f"{run.name}: already completed, skipped")
+        else:
+            todo.append(run)
+    progress = _Progress(len(todo), parallel, report)
+    slots: queue.Queue[int] = queue.Queue()
+    for slot in range(parallel):
+        slots.put(slot)
+    halted = threading.Event()
+
+    def work(run: SweepRun) -> None:
+        slot = slots.get()
         try:
-            previous = RunStatus.read(run.directory)
-        except SweepError:  # a half-written or foreign status file: the run is simply rerun
-            previous = None
-        if skip_completed and previous is not None and previous.status == "completed":
-            outcomes.append(RunOutcome(run=run, status=previous, skipped=True))
-            continue
-        RunStatus(status="running").write(run.directory)
-        start = time.perf_counter()
-        ok, failure, returncode = execute(run)
-        status = _finish(run, ok, failure, time.perf_counter() - start)
-        outcomes.append(RunOutcome(run=run, status=status, returncode=returncode))
-        if stop and status.status != "completed":
-            break
-    return outcomes
+            if halted.is_set():
+                return
+            RunStatus(status="running").write(run.directory)
+            progress.started(run, f" ({slot_names[slot]})" if slot < len(slot_names) else "")
+            start = time.perf_counter()
+            ok, failure, returncode = execute(run, slot)
+            status = _finish(run, ok, failure, time.perf_counter() - start)
+            outcomes[run.index] = RunOutcome(run=run, status=status, returncode=returncode)
+            progress.ended(run, status, time.perf_counter() - start)
+            if stop and status.status != "completed":
+                halted.set()
+        finally:
+            slots.put(slot)
+
+    if parallel == 1:
+        for run in todo:
+            work(run)
+            if halted.is_set():
+                break
+    else:
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="mtflow-sweep") as pool:
+            for future in [pool.submit(work, run) for run in todo]:
+                future.result()
+    return [outcomes[run.index] for run in plan.runs if run.index in outcomes]
+
+
+def single_device_problems(plan: SweepPlan) -> list[str]:
+    """Runs whose resolved config needs more than one device or node (they cannot share a machine side by side)."""
+    problems = []
+    for run in plan.runs:
+        trainer = (yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}).get("trainer") or {}
+        devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+        one = devices in (1, "1", "auto") or (isinstance(devices, list) and len(devices) == 1)
+        if not one or nodes not in (1, "1"):
+            problems.append(f"{run.name} (trainer.devices={devices!r}, num_nodes={nodes!r})")
+    return problems
 
 
 def run_local(
@@ -98,8 +198,11 @@ def run_local(
     env: Mapping[str, str] | None = None,
     cwd: str | Path | None = None,
     timeout_s: float | None = None,
+    parallel: int = 1,
+    gpus: Sequence[str] = (),
+    report: Callable[[str], None] | None = None,
 ) -> list[RunOutcome]:
-    """Run every run of ``plan`` one after another as a subprocess; output goes to ``<run>/log.txt``.
+    """Run every run of ``plan`` as a subprocess, ``parallel`` at a time; output goes to ``<run>/log.txt``.
 
     Args:
         plan: the expanded sweep.
@@ -109,21 +212,41 @@ def run_local(
         env: extra environment variables for the runs.
         cwd: working directory of the runs (default: the current one).
         timeout_s: per-run time limit; a run that exceeds it is killed and marked failed.
+        parallel: runs side by side (more than 1 needs single-device runs).
+        gpus: GPU ids shared out among the ``parallel`` slots (each run sees its slot's share as
+            ``CUDA_VISIBLE_DEVICES``); empty: the environment's GPUs are left as they are.
+        report: called with one line as each run starts and ends (wall clock, the sweep's time left).
 
     A run that exits non-zero, or exits 0 without its trainer recording ``completed``, is marked ``failed`` in its
     ``status.json`` (the trainer's own error message is kept when it wrote one).
     """
+    if parallel < 1:
+        raise SweepError(f"parallel must be >= 1, got {parallel}")
+    if gpus and len(gpus) % parallel:
+        raise SweepError(f"{len(gpus)} GPUs cannot be shared out evenly among {parallel} parallel runs")
+    if parallel > 1:
+        problems = single_device_problems(plan)
+        if problems:
+            raise SweepError(
+                f"side-by-side runs must each use one device on one node; not: {', '.join(problems)} "
+                "(run them one after another, or with mtflow sweep slurm)"
+            )
+    share = len(gpus) // parallel if gpus else 0
+    slot_gpus = (
+        [",".join(str(g) for g in gpus[i * share : (i + 1) * share]) for i in range(parallel)] if gpus else []
+    )
     full_env = {**os.environ, **(env or {})}
 
-    def execute(run: SweepRun) -> tuple[bool, str, int | None]:
+    def execute(run: SweepRun, slot: int) -> tuple[bool, str, int | None]:
         command = [str(part) for part in command_builder(run)]
         log_path = run.directory / LOG_FILE
+        run_env = {**full_env, "CUDA_VISIBLE_DEVICES": slot_gpus[slot]} if slot_gpus else full_env
         with log_path.open("w", encoding="utf-8") as log:
             log.write(f"$ {shlex.join(command)}\n")
             log.flush()
             try:
                 completed = subprocess.run(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, timeout=timeout_s
+                    command, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=cwd, timeout=timeout_s
                 )
             except subprocess.TimeoutExpired:
                 return False, f"killed after the {timeout_s} s time limit (log: {log_path})", None
@@ -137,7 +260,8 @@ def run_local(
             )
         return True, "", 0
 
-    return _run_all(plan, execute, skip_completed, stop_on_failure)
+    names = [f"GPU {g}" for g in slot_gpus] if slot_gpus else []
+    return _run_all(plan, execute, skip_completed, stop_on_failure, parallel, report, names)
 
 
 def run_in_process(
@@ -151,7 +275,7 @@ def run_in_process(
     """Like ``run_local`` but calls ``main(args)`` (e.g. ``mtflow.cli.main``) in this process; an exception marks
     the run failed with its traceback. Fast for tests; runs share the process (and its RNG/global state)."""
 
-    def execute(run: SweepRun) -> tuple[bool, str, int | None]:
+    def execute(run: SweepRun, slot: int) -> tuple[bool, str, int | None]:
         try:
             main(args_builder(run))
         except SystemExit as exit_:  # argparse / LightningCLI exit on bad arguments
@@ -168,59 +292,120 @@ def run_in_process(
     return _run_all(plan, execute, skip_completed, stop_on_failure)
 
 
+SLURM_REQUEUE_SIGNAL = "SIGUSR1"  # what Lightning's SLURMEnvironment listens for (auto-requeue)
+
+
+def slurm_job_shape(plan: SweepPlan) -> tuple[int, int, bool]:
+    """``(num_nodes, devices per node, on GPUs)`` shared by every run of ``plan``, read from the resolved configs.
+
+    Raises:
+        SweepError: a run's ``trainer.devices`` is not a number of devices, or the runs differ (one array script
+            has one set of ``#SBATCH`` directives).
+    """
+    shapes: dict[tuple[int, int, bool], list[str]] = {}
+    for run in plan.runs:
+        trainer = (yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}).get("trainer") or {}
+        devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+        if isinstance(devices, list):
+            devices = len(devices)
+        try:
+            devices, nodes = int(devices), int(nodes)
+        except (TypeError, ValueError):
+            raise SweepError(
+                f"{run.name}: trainer.devices={devices!r}, trainer.num_nodes={nodes!r}; a Slurm script needs numbers "
+                "(Lightning requires --ntasks-per-node to equal devices)"
+            ) from None
+        if devices < 1 or nodes < 1:
+            raise SweepError(f"{run.name}: trainer.devices={devices}, num_nodes={nodes}; both must be >= 1")
+        on_gpu = str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
+        shapes.setdefault((nodes, devices, on_gpu), []).append(run.name)
+    if len(shapes) > 1:
+        described = "; ".join(
+            f"{n} node(s) x {d} device(s): {', '.join(r)}" for (n, d, _), r in shapes.items()
+        )
+        raise SweepError(
+            f"the runs need different job shapes, which one array script cannot hold: {described}"
+        )
+    return next(iter(shapes))
+
+
 def write_slurm_array(
     plan: SweepPlan,
     out_path: str | Path | None = None,
     *,
-    command_builder: Callable[[SweepRun], Sequence[str]] = default_fit_command,
+    command_builder: Callable[[SweepRun], Sequence[str]] = lambda run: default_fit_command(run, resume=True),
     job_name: str | None = None,
     partition: str | None = None,
     account: str | None = None,
     time_limit: str = "04:00:00",
-    nodes: int = 1,
-    gpus_per_node: int | None = None,
     cpus_per_task: int | None = None,
     mem: str | None = None,
     max_parallel: int | None = None,
+    requeue_signal_s: int = 90,
     setup_lines: Sequence[str] = (),
     extra_directives: Sequence[str] = (),
     workdir: str | Path | None = None,
     python: str = sys.executable,
-) -> Path:
-    """Write a Slurm array script with one task per run (``sbatch <script>``); returns its path.
+    skip_completed: bool = True,
+) -> Path | None:
+    """Write a Slurm array script with one task per run that is not completed yet (``sbatch <script>``); returns its
+    path, or None when every run is completed already.
 
-    Task i runs run i's command in its own folder's context; a non-zero exit is recorded in the run's
-    ``status.json`` (``python -m mtflow.sweeps mark-failed``) unless the trainer already recorded the failure.
+    The job shape comes from the runs' resolved configs (``slurm_job_shape``): ``--nodes=<num_nodes>``,
+    ``--ntasks-per-node=<devices>`` and ``--gpus-per-node=<devices>`` (GPU runs), one task per device launched by
+    ``srun``, as Lightning's ``SLURMEnvironment`` requires. ``--signal=SIGUSR1@<requeue_signal_s> --requeue``: Slurm
+    warns that long before the time limit, the trainer saves at the end of the iteration in progress and requeues
+    the task, which resumes from that checkpoint (``--ckpt_path last`` in the default command). A task whose run is
+    completed when it starts (a resubmitted array, a requeue after the end) exits at once; a non-zero exit is
+    recorded in the run's ``status.json`` (``python -m mtflow.sweeps mark-failed``) unless the trainer already
+    recorded the failure.
 
     Args:
         plan: the expanded sweep.
         out_path: script path (default ``<sweep>/slurm_array.sh``).
-        command_builder: run -> argv (mind the cluster's Python: e.g. ``partial(default_fit_command, python="python")``).
+        command_builder: run -> argv, launched under ``srun`` (mind the cluster's Python: e.g.
+            ``partial(default_fit_command, python="python", resume=True)``).
         job_name: ``--job-name`` (default: the sweep name).
-        partition, account, time_limit, nodes, gpus_per_node, cpus_per_task, mem: the usual sbatch directives
-            (None: not written).
+        partition, account, time_limit, cpus_per_task, mem: the usual sbatch directives (None: not written).
         max_parallel: at most this many array tasks at once (``%N``).
+        requeue_signal_s: seconds before the time limit that Slurm sends SIGUSR1; more than one RL iteration takes
+            (the save waits for the iteration in progress), see ``perf/iteration_s``.
         setup_lines: shell lines before the run (``module load ...``, ``source venv/bin/activate``).
         extra_directives: more ``#SBATCH`` options, e.g. ``"--qos=high"``.
         workdir: folder to ``cd`` into first (default: the current one at writing time).
-        python: interpreter (on the nodes) that records a failed task's status.
+        python: interpreter (on the nodes) that checks and records a task's status.
+        skip_completed: leave runs whose status is already ``completed`` out of the array.
     """
+    name = job_name or plan.name
+    if name in ("bash", "interactive"):  # Lightning's SLURMEnvironment ignores jobs with these names
+        raise SweepError(f"job name {name!r} hides the job from Lightning's Slurm detection; choose another")
+    if requeue_signal_s < 1:
+        raise SweepError(f"requeue_signal_s must be >= 1, got {requeue_signal_s}")
+    nodes, devices, on_gpu = slurm_job_shape(plan)
+    runs = [run for run in plan.runs if not (skip_completed and _is_completed(run))]
+    if not runs:
+        return None
     out_path = Path(out_path) if out_path is not None else plan.sweep_dir / "slurm_array.sh"
     log_dir = plan.sweep_dir / "slurm"
-    last = len(plan.runs) - 1
-    array = f"0-{last}" + (f"%{max_parallel}" if max_parallel else "")
+    indices = [run.index for run in runs]
+    contiguous = len(indices) > 1 and indices == list(range(indices[0], indices[-1] + 1))
+    array = f"{indices[0]}-{indices[-1]}" if contiguous else ",".join(str(i) for i in indices)
+    array += f"%{max_parallel}" if max_parallel else ""
     directives = [
-        f"--job-name={job_name or plan.name}",
+        f"--job-name={name}",
         f"--array={array}",
         f"--output={log_dir}/%A_%a.out",
         f"--nodes={nodes}",
-        "--ntasks-per-node=1",
+        f"--ntasks-per-node={devices}",
         f"--time={time_limit}",
+        f"--signal={SLURM_REQUEUE_SIGNAL}@{requeue_signal_s}",
+        "--requeue",
     ]
+    if on_gpu:
+        directives.append(f"--gpus-per-node={devices}")
     for option, value in (
         ("partition", partition),
         ("account", account),
-        ("gpus-per-node", gpus_per_node),
         ("cpus-per-task", cpus_per_task),
         ("mem", mem),
     ):
@@ -230,26 +415,31 @@ def write_slurm_array(
     python = shlex.quote(python)
     lines = ["#!/bin/bash"] + [f"#SBATCH {d}" for d in directives]
     lines += [
-        f"# mtflow sweep {plan.name!r}: {len(plan.runs)} runs. Generated by mtflow sweep slurm; edit the grid, not this.",
+        f"# mtflow sweep {plan.name!r}: {len(runs)} of {len(plan.runs)} runs. Generated by mtflow sweep slurm; "
+        "edit the grid, not this.",
         "set -uo pipefail",
         f"mkdir -p {shlex.quote(str(log_dir))}",
         f"cd {shlex.quote(str(Path(workdir).resolve() if workdir else Path.cwd()))}",
         *setup_lines,
         'case "$SLURM_ARRAY_TASK_ID" in',
     ]
-    for run in plan.runs:
+    for run in runs:
         lines.append(
             f"  {run.index}) RUN_DIR={shlex.quote(str(run.directory))}; CMD=({shlex.join(command_builder(run))}) ;;"
         )
     lines += [
         '  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;',
         "esac",
+        # mtflow.sweeps, not the mtflow command: it imports no torch, so a broken node environment is recorded too
+        f'if {python} -m mtflow.sweeps is-completed "$RUN_DIR"; then',
+        '  echo "run $RUN_DIR is completed already; nothing to do"',
+        "  exit 0",
+        "fi",
         'echo "run $RUN_DIR: ${CMD[*]}"',
         "START=$(date +%s)",
-        '"${CMD[@]}"',
+        'srun "${CMD[@]}"',
         "CODE=$?",
         'if [ "$CODE" -ne 0 ]; then',
-        # mtflow.sweeps, not the mtflow command: it imports no torch, so a broken node environment is recorded too
         f'  {python} -m mtflow.sweeps mark-failed "$RUN_DIR" --code "$CODE" '
         '--wall-clock-s "$(( $(date +%s) - START ))" '
         '--log "${SLURM_JOB_ID:-}_${SLURM_ARRAY_TASK_ID}"',

@@ -10,7 +10,8 @@ import lightning as L
 
 class ShardingProbe(L.Callback):
     """At the end of fit, write ``<folder>/rank<r>.json`` with the local and global size of every transformer
-    parameter (a DTensor under FSDP2) and the number of transformer forward calls this rank made."""
+    parameter (a DTensor under FSDP2; its mesh shape and placements) and the number of transformer forward calls
+    this rank made."""
 
     def __init__(self, folder: str) -> None:
         """
@@ -35,6 +36,8 @@ class ShardingProbe(L.Callback):
                 "local": local.numel(),
                 "global": param.numel(),
                 "dtensor": hasattr(param, "to_local"),
+                "mesh": list(param.device_mesh.shape) if hasattr(param, "device_mesh") else None,
+                "placements": [str(p) for p in param.placements] if hasattr(param, "placements") else None,
             }
         folder = Path(self.folder)
         folder.mkdir(parents=True, exist_ok=True)

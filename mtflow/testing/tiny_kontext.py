@@ -213,6 +213,7 @@ def build_tiny_kontext(path: str | Path, spec: TinyKontextSpec | None = None, se
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m mtflow.testing.tiny_kontext DIR``: build the tiny pipeline into DIR and print its path."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -220,10 +221,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(build_tiny_kontext(args.output, seed=args.seed))
-
-
-if __name__ == "__main__":
-    main()
 
 
 def _random_vae(spec: TinyKontextSpec, seed: int):
@@ -245,3 +242,7 @@ def _random_vae(spec: TinyKontextSpec, seed: int):
         scaling_factor=spec.vae_scaling_factor,
         sample_size=32,
     )
+
+
+if __name__ == "__main__":  # last: every function it calls must be defined by now
+    main()

@@ -118,6 +118,7 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         self.overlap_scoring = overlap_scoring
         self.max_iterations = max_iterations
         self.iteration = 0
+        self.samples_seen = 0  # trajectories over all ranks; status.json and checkpoints read this one count
         self.nonfinite_streak = 0
         self.last_rollout: RolloutPreview | None = None  # the first rows' images and scores, for logging
         self._executor: ThreadPoolExecutor | None = None
@@ -169,6 +170,7 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         if isinstance(batch, ChainBatch):
             batch.mark_consumed()
         self.iteration += 1
+        self.samples_seen += result.num_trajectories * self.trainer.world_size
         self.last_rollout = RolloutPreview.from_rollout(result, scores)
         elapsed = time.perf_counter() - started
         stats = {
@@ -380,6 +382,7 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
         checkpoint["mtflow"] = {
             "iteration": self.iteration,
+            "samples_seen": self.samples_seen,
             "nonfinite_streak": self.nonfinite_streak,
             "adapters": self.adapters,
             "lora": {
@@ -394,6 +397,9 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         state = checkpoint.get("mtflow", {})
         self._check_resumable(state)
         self.iteration = int(state.get("iteration", 0))
+        # checkpoints written before the module kept the count hold it in the status callback's state
+        legacy = (checkpoint.get("callbacks") or {}).get("RunStatus") or {}
+        self.samples_seen = int(state.get("samples_seen", legacy.get("samples_seen", 0)))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         saved = checkpoint.get("state_dict")  # FSDP strategies load it themselves and pop it
         if saved is None:
