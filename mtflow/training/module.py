@@ -104,6 +104,7 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1] (or None for no EMA), got {ema_decay}")
         algorithm.check(rollout, advantage)
+        optim.check_schedule(max_iterations)
         self.policy = policy
         self.scorer = scorer
         self.algorithm = algorithm
@@ -147,16 +148,22 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
 
     def configure_optimizers(self):
         optim = self.optim_config
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             self.policy.adapter_parameters(TRAINED_ADAPTER),
             lr=optim.lr,
             betas=tuple(optim.betas),
             weight_decay=optim.weight_decay,
         )
+        if not optim.has_schedule:
+            return optimizer
+        # stepped by step_optimizer (manual optimisation); Lightning checkpoints and restores its state
+        scheduler = optim.build_scheduler(optimizer, self.max_iterations)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ================================================================== the iteration
     def training_step(self, batch: ChainBatch | list[EditChain], batch_idx: int) -> None:
         started = time.perf_counter()
+        lr = self._learning_rate()  # of this iteration's first optimiser step
         chains = chains_of(batch)
         result = self.rollout_chains(chains)
         scores, prepared, judge_stats = self.score_and_prepare(result)
@@ -176,6 +183,7 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
             "perf/iteration_s": elapsed,
             "perf/trajectories_per_s": result.num_trajectories / elapsed,
             "train/iteration": float(self.iteration),
+            "train/lr": lr,
         }
         self.log_dict(
             _loggable(self._mean_over_ranks(stats)), on_step=True, on_epoch=False, batch_size=len(chains)
@@ -317,6 +325,9 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         if self._all_ranks(bool(finite)):  # one host sync per optimiser step
             optimizer.step()
             self.nonfinite_streak = 0
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:  # per optimiser step taken (a skipped step does not advance it)
+                scheduler.step()
         else:
             self.nonfinite_streak += 1
             limit = self.optim_config.max_nonfinite_skips
@@ -333,6 +344,11 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
                     "training stopped (the last checkpoint is intact). Lower the learning rate or check the judge."
                 )
         optimizer.zero_grad(set_to_none=True)
+
+    def _learning_rate(self) -> float:
+        if self._trainer is None:  # driven by hand (benchmarks): no optimiser attached
+            return float("nan")
+        return float(self.optimizers().param_groups[0]["lr"])
 
     # ================================================================== collectives and plumbing
     def _all_ranks(self, flag: bool) -> bool:
