@@ -81,6 +81,36 @@ def _unit_bytes(policy, compute_bytes: int | None) -> list[tuple[str, int]]:
     return out
 
 
+def sharded_parameter_bytes(policy, world_size: int) -> dict:
+    """Shard ``policy`` with mtflow's FSDP2 plan over the current (fake) process group and return each rank's bytes:
+    ``base`` and ``lora`` parameters, the ``trained`` adapter's, the number of trained tensors and the (replicated)
+    ``buffers``. Rank 0's shard sizes are checked against the DTensors FSDP2 created."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mtflow.models.base import TRAINED_ADAPTER
+    from mtflow.training.distributed import shard_policy
+
+    shard_policy(policy, init_device_mesh("cpu", (world_size,)))
+    out = {
+        "base": [0] * world_size,
+        "lora": [0] * world_size,
+        "trained": [0] * world_size,
+        "trained_tensors": 0,
+    }
+    rank = torch.distributed.get_rank()
+    for name, param in policy.transformer.named_parameters():
+        shares = local_bytes(param, world_size)
+        if hasattr(param, "to_local") and param.to_local().numel() * param.element_size() != shares[rank]:
+            raise AssertionError(f"{name}: FSDP2's shard differs from torch.chunk's")
+        kind = "lora" if "lora_" in name else "base"
+        out[kind] = [a + b for a, b in zip(out[kind], shares)]
+        if "lora_" in name and f".{TRAINED_ADAPTER}." in name:
+            out["trained_tensors"] += 1
+            out["trained"] = [a + b for a, b in zip(out["trained"], shares)]
+    out["buffers"] = sum(b.numel() * b.element_size() for b in policy.transformer.buffers())
+    return out
+
+
 def plan_memory(
     module,
     chains_per_rank: int,
@@ -92,9 +122,6 @@ def plan_memory(
 ) -> MemoryPlan:
     """The memory plan of ``module`` (a constructed, unloaded ``FlowRLModule``) on ``world_size`` ranks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from mtflow.training.distributed import shard_policy
 
     policy, rollout = module.policy, module.rollout_config
     planner = planner_for(policy)
@@ -104,27 +131,17 @@ def plan_memory(
 
     full = planner.meta_policy(adapters)
     units = _unit_bytes(full, compute_bytes)
-    trained_marker = ".default."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with fake_process_group(world_size):
-            shard_policy(full, init_device_mesh("cpu", (world_size,)))
-            base = [0] * world_size
-            lora = [0] * world_size
-            trained = [0] * world_size
-            trained_tensors = 0
-            for name, param in full.transformer.named_parameters():
-                shares = local_bytes(param, world_size)
-                if hasattr(param, "to_local"):  # the plan's shard sizes are FSDP2's own (rank 0 checked here)
-                    assert param.to_local().numel() * param.element_size() == shares[0], name
-                target = lora if "lora_" in name else base
-                for r in range(world_size):
-                    target[r] += shares[r]
-                if "lora_" in name and trained_marker in name:
-                    trained_tensors += 1
-                    for r in range(world_size):
-                        trained[r] += shares[r]
-            buffers = sum(b.numel() * b.element_size() for b in full.transformer.buffers())
+            shares = sharded_parameter_bytes(full, world_size)
+    base, lora, trained, trained_tensors, buffers = (
+        shares["base"],
+        shares["lora"],
+        shares["trained"],
+        shares["trained_tensors"],
+        shares["buffers"],
+    )
     per_rank = [base[r] + lora[r] + buffers for r in range(world_size)]
     rank = max(range(world_size), key=lambda r: per_rank[r])
 
