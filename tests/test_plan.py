@@ -20,7 +20,7 @@ from mtflow.data.records import EditChain
 from mtflow.models.kontext import KontextPolicy
 from mtflow.plan.architectures import build_on_meta, find_config
 from mtflow.plan.editors import planner_for
-from mtflow.plan.memory import extrapolate_depth, fake_peak, fake_process_group, local_bytes
+from mtflow.plan.memory import extrapolate_depth, fake_peak, fake_process_group, local_bytes, shard_rows
 from mtflow.plan.plan import plan_memory, sharded_parameter_bytes
 from mtflow.rollout import RolloutConfig, rollout
 from mtflow.training.module import FlowRLModule
@@ -162,8 +162,8 @@ MEASURE = textwrap.dedent(
     policy = KontextPolicy(path, dtype="float32", resolution=64, max_sequence_length=32, lora_rank=8,
                            gradient_checkpointing=checkpointing).load()
     g = torch.Generator().manual_seed(0)
-    L = policy.image_seq_len
-    x, ref = torch.randn(8, L, 64, generator=g), torch.randn(8, L, 64, generator=g)
+    L, C = policy.image_seq_len, policy.transformer.config.in_channels
+    x, ref = torch.randn(8, L, C, generator=g), torch.randn(8, L, C, generator=g)
     width = policy.transformer.config.joint_attention_dim
     text = TextEmbeddings(["a"], torch.randn(1, 32, width), torch.randn(1, policy.transformer.config.pooled_projection_dim),
                           torch.zeros(32, 3))
@@ -255,7 +255,9 @@ def test_real_size_per_rank_base_bytes_equal_the_fake_process_group_shards():
     assert sum(planned["base"]) == sum(
         p.numel() * p.element_size() for n, p in planner.meta_policy([]).transformer.named_parameters()
     )
-    assert local_bytes(torch.empty(3, 2, device="meta"), 2) == [16, 8]
+    # torch.chunk's split: uneven at the tail, empty shards for the last ranks
+    assert shard_rows(5, 2) == [3, 2] and shard_rows(2, 4) == [1, 1, 0, 0]
+    assert local_bytes(torch.empty(3, 2, device="meta"), 2) == [24, 24]  # not sharded: every rank holds it
 
 
 def _closed_port() -> int:

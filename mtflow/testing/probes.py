@@ -22,6 +22,20 @@ class ShardingProbe(L.Callback):
         self._handle = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        # the resident-set high-water mark so far: its peak while loading (and sharding) the model
+        status = Path("/proc/self/status").read_text().splitlines()
+        self.counts["load_peak_rss"] = next(
+            int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM")
+        )
+        policy = pl_module.policy
+        encoders = {
+            id(p) for name in ("text_encoder", "text_encoder_2") for p in getattr(policy, name).parameters()
+        }
+        # parameters the module owns go wherever Lightning / FSDP put the module (the training device)
+        self.counts["text_encoder_params_on_training_device"] = sum(
+            1 for p in pl_module.parameters() if id(p) in encoders
+        )
+
         def count(*_):
             self.forward_calls += 1
 
@@ -47,3 +61,101 @@ class ShardingProbe(L.Callback):
         (folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
         if self._handle is not None:
             self._handle.remove()
+
+
+class WorkProbe(L.Callback):
+    """At the end of fit, write ``<folder>/rank<r>.json`` with what this rank did: judge items scored and
+    transformer calls outside training batches (the held-out evaluation) and inside them, and the all-gathers of
+    training iterations (FSDP2's unshards), counted by wrapping ``torch.distributed``'s all-gather entry points."""
+
+    GATHERS = ("all_gather_single", "all_gather_into_tensor")
+
+    def __init__(self, folder: str) -> None:
+        """
+        Args:
+            folder: where each rank writes its JSON file.
+        """
+        self.folder = folder
+        self.in_batch = False
+        self.counts = {
+            "eval_items": 0,
+            "train_items": 0,
+            "eval_forwards": 0,
+            "train_forwards": 0,
+            "gathers": 0,
+        }
+        self.iterations = 0
+        self._restore: list = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import torch.distributed as dist
+
+        scorer = pl_module.scorer
+        score = scorer.score
+
+        def counted_score(items):
+            self.counts["train_items" if self.in_batch else "eval_items"] += len(items)
+            return score(items)
+
+        scorer.score = counted_score
+        self._restore.append(lambda: setattr(scorer, "score", score))
+        for name in self.GATHERS:
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+
+            def counted(*args, _original=original, **kwargs):
+                if self.in_batch:
+                    self.counts["gathers"] += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+            self._restore.append(lambda n=name, o=original: setattr(dist, n, o))
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # the resident-set high-water mark so far: its peak while loading (and sharding) the model
+        status = Path("/proc/self/status").read_text().splitlines()
+        self.counts["load_peak_rss"] = next(
+            int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM")
+        )
+        policy = pl_module.policy
+        encoders = {
+            id(p) for name in ("text_encoder", "text_encoder_2") for p in getattr(policy, name).parameters()
+        }
+        # parameters the module owns go wherever Lightning / FSDP put the module (the training device)
+        self.counts["text_encoder_params_on_training_device"] = sum(
+            1 for p in pl_module.parameters() if id(p) in encoders
+        )
+
+        def count(*_):
+            self.counts["train_forwards" if self.in_batch else "eval_forwards"] += 1
+
+        handle = pl_module.policy.transformer.register_forward_hook(count)
+        self._restore.append(handle.remove)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.in_batch = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.in_batch = False
+        self.iterations += 1
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        policy = pl_module.policy
+        payload = {
+            "rank": trainer.global_rank,
+            "iterations": self.iterations,
+            "text_encoder_devices": sorted(
+                {
+                    str(p.device)
+                    for name in ("text_encoder", "text_encoder_2")
+                    for p in getattr(policy, name).parameters()
+                }
+            ),
+            **self.counts,
+        }
+        (folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
+        for restore in reversed(self._restore):
+            restore()

@@ -144,6 +144,11 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
             from mtflow.training.distributed import shard_policy
 
             shard_policy(self.policy, self.device_mesh)
+        materialize = getattr(self.policy, "materialize_from_rank0", None)
+        if (
+            materialize is not None
+        ):  # policies that read the checkpoint on rank 0 only (KontextPolicy.load_once)
+            materialize(self.trainer.strategy.root_device if self._trainer is not None else "cpu")
         self.policy.compile_if_requested()  # no-op unless the policy asks for it
 
     def configure_optimizers(self):
@@ -202,15 +207,31 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
             )
         generators = [self.generator("rollout", chain.chain_id) for chain in chains]
         self.policy.eval()
-        return rollout(
-            self.policy,
-            chains,
-            self.rollout_config,
-            generator=generators,
-            adapter=self.algorithm.sampling_adapter,
-            recorded_steps=recorded,
-            sde=sde,
-        )
+        from mtflow.training.unsharded import unsharded
+
+        units = self.policy.fsdp_units() if self._rollout_unsharded() else []
+        with unsharded(units):  # no units: FSDP2's per-call all-gathers as usual
+            return rollout(
+                self.policy,
+                chains,
+                self.rollout_config,
+                generator=generators,
+                adapter=self.algorithm.sampling_adapter,
+                recorded_steps=recorded,
+                sde=sde,
+            )
+
+    def _rollout_unsharded(self) -> bool:
+        """``rollout.unsharded`` resolved: "auto" is on only on a GPU whose free memory holds the unsharded base
+        and leaves a quarter of the GPU for the rollout (the same decision on every rank)."""
+        mode = getattr(self.rollout_config, "unsharded", "off")
+        if mode != "auto" or self.device.type != "cuda" or self.device_mesh is None:
+            return mode == "on"
+        from mtflow.training.unsharded import unsharded_bytes
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        need = unsharded_bytes(self.policy.fsdp_units(), self.policy.model_dtype)
+        return self._all_ranks(free - need >= total // 4)
 
     def score_and_prepare(self, result: Rollout) -> tuple[ScoreBatch, Any, dict[str, float]]:
         """Ask the judge (in a background thread when ``overlap_scoring``) while the algorithm prepares the
