@@ -22,20 +22,6 @@ class ShardingProbe(L.Callback):
         self._handle = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        # the resident-set high-water mark so far: its peak while loading (and sharding) the model
-        status = Path("/proc/self/status").read_text().splitlines()
-        self.counts["load_peak_rss"] = next(
-            int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM")
-        )
-        policy = pl_module.policy
-        encoders = {
-            id(p) for name in ("text_encoder", "text_encoder_2") for p in getattr(policy, name).parameters()
-        }
-        # parameters the module owns go wherever Lightning / FSDP put the module (the training device)
-        self.counts["text_encoder_params_on_training_device"] = sum(
-            1 for p in pl_module.parameters() if id(p) in encoders
-        )
-
         def count(*_):
             self.forward_calls += 1
 
@@ -77,12 +63,15 @@ class WorkProbe(L.Callback):
         """
         self.folder = folder
         self.in_batch = False
+        self.in_rollout = False
         self.counts = {
             "eval_items": 0,
             "train_items": 0,
             "eval_forwards": 0,
             "train_forwards": 0,
             "gathers": 0,
+            "rollout_gathers": 0,
+            "rollout_s": 0.0,
         }
         self.iterations = 0
         self._restore: list = []
@@ -90,6 +79,7 @@ class WorkProbe(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         import torch.distributed as dist
 
+        self.counts["rss_before_load"] = _status_bytes("VmRSS")  # before configure_model reads the weights
         scorer = pl_module.scorer
         score = scorer.score
 
@@ -107,17 +97,31 @@ class WorkProbe(L.Callback):
             def counted(*args, _original=original, **kwargs):
                 if self.in_batch:
                     self.counts["gathers"] += 1
+                if self.in_rollout:
+                    self.counts["rollout_gathers"] += 1
                 return _original(*args, **kwargs)
 
             setattr(dist, name, counted)
             self._restore.append(lambda n=name, o=original: setattr(dist, n, o))
+        rollout_chains = pl_module.rollout_chains
+
+        def timed_rollout(chains):
+            import time
+
+            self.in_rollout = True
+            started = time.perf_counter()
+            try:
+                return rollout_chains(chains)
+            finally:
+                self.counts["rollout_s"] += time.perf_counter() - started
+                self.in_rollout = False
+
+        pl_module.rollout_chains = timed_rollout
+        self._restore.append(lambda: delattr(pl_module, "rollout_chains"))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # the resident-set high-water mark so far: its peak while loading (and sharding) the model
-        status = Path("/proc/self/status").read_text().splitlines()
-        self.counts["load_peak_rss"] = next(
-            int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM")
-        )
+        self.counts["load_peak_rss"] = _status_bytes("VmHWM")
         policy = pl_module.policy
         encoders = {
             id(p) for name in ("text_encoder", "text_encoder_2") for p in getattr(policy, name).parameters()
@@ -134,7 +138,9 @@ class WorkProbe(L.Callback):
         self._restore.append(handle.remove)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.in_batch = True
+        # the module skips the batch after its last iteration (and on_train_batch_end never comes)
+        limit = pl_module.max_iterations
+        self.in_batch = limit is None or pl_module.iteration < limit
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.in_batch = False
@@ -159,3 +165,9 @@ class WorkProbe(L.Callback):
         (folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
         for restore in reversed(self._restore):
             restore()
+
+
+def _status_bytes(field: str) -> int:
+    """A memory line of ``/proc/self/status`` (Linux), in bytes."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
