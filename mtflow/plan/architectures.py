@@ -73,9 +73,16 @@ def build_on_meta(kind: str, config: dict[str, Any], dtype: torch.dtype) -> nn.M
     }
     if kind not in builders:
         raise ValueError(f"unknown component {kind!r}; expected one of {sorted(builders)}")
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")  # diffusers' notes about casting with to(); nothing is loaded here
-        module = builders[kind]().to(dtype)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its note about casting with to(): nothing is loaded here
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            module = builders[kind]().to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     module.requires_grad_(False)
     return module
 
