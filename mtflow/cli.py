@@ -8,6 +8,7 @@
     mtflow serve-reward --config configs/reward_server.yaml
     mtflow data convert-edival --csv ... --images ... --output manifest.jsonl
     mtflow sweep run --grid configs/sweeps/G_T.yaml --out sweeps/G_T
+    mtflow check --config configs/flux_kontext.yaml --config configs/flux_kontext_grpo.yaml --gpu_memory_gb 80
 
 ``main(args)`` runs in-process (tests call it with a list of arguments). ``resolve_fit_config(args)`` is the config
 ``mtflow fit <args>`` would run, resolved and validated by the same parser without running anything (sweeps expand
@@ -321,6 +322,8 @@ EXTRA_HELP = (
     "mtflow serve-reward (the judge as an HTTP service), "
     "mtflow data convert-edival (an EdiVal CSV to a chain manifest), "
     "mtflow sweep (expand, run and collect G x T ablation sweeps), "
+    "mtflow check (a config's checks and per-GPU memory / time plan before any weight is loaded; also "
+    "mtflow fit ... --dry_run), "
     "mtflow --version. "
     "Without --config, `mtflow fit` runs the embedded toy world (configs/toy.yaml)."
 )
@@ -454,6 +457,12 @@ def _data(args: Sequence[str]) -> None:
         raise SystemExit(code)  # the converter printed why
 
 
+def _check(args: Sequence[str]) -> None:
+    from mtflow.plan.check import main as check_main
+
+    check_main(list(args))
+
+
 def _sweep(args: Sequence[str]) -> None:
     from mtflow.sweeps.cli import main as sweep_main
 
@@ -466,6 +475,7 @@ EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "serve-reward": _serve_reward,
     "data": _data,
     "sweep": _sweep,
+    "check": _check,
 }
 
 
@@ -477,6 +487,8 @@ def main(args: Sequence[str] | None = None) -> MtflowCLI | None:
     if argv[:1] in (["--version"], ["-V"]):
         print(f"mtflow {__version__}")
         return None
+    if argv[:1] == ["fit"] and "--dry_run" in argv:  # `mtflow fit ... --dry_run` is `mtflow check ...`
+        argv = ["check", *(a for a in argv[1:] if a != "--dry_run")]
     if argv and argv[0] in EXTRA_COMMANDS:
         EXTRA_COMMANDS[argv[0]](argv[1:])
         return None

@@ -38,6 +38,10 @@ class RolloutConfig:
         chain_through: what turn k+1 is conditioned on: "pixels", turn k's decoded uint8 image re-encoded (what a
             user's next edit sees), or "latents", turn k's final latent as is (skips the VAE round trip: a
             diagnostic that separates the editor's own drift from what decoding and re-encoding do to it).
+        unsharded: under FSDP2, gather the sharded base once for the whole training rollout and reshard it before
+            the update (one all-gather per block instead of one per transformer call; same outputs): "on", "off",
+            or "auto" (on a GPU when its free memory holds the unsharded base with a quarter of it to spare, as
+            ``mtflow check``'s plan shows; off on CPU).
     """
 
     group_size: int = 16
@@ -46,6 +50,7 @@ class RolloutConfig:
     store_dtype: Literal["float32", "bfloat16"] = "float32"
     kernels: Literal["auto", "torch", "triton"] = "auto"
     chain_through: Literal["pixels", "latents"] = "pixels"
+    unsharded: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         # Checked here, when a config is built, not minutes later in the first rollout (or never, for some).

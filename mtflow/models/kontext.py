@@ -87,6 +87,8 @@ class KontextPolicy(LoRAAdapters, nn.Module):
         local_files_only: bool = False,
         lora_weights: str | None = None,
         compile_transformer: bool = False,
+        load_once: bool = True,
+        text_encoders: Literal["resident", "offload"] = "offload",
     ) -> None:
         """
         Args:
@@ -112,6 +114,12 @@ class KontextPolicy(LoRAAdapters, nn.Module):
                 trained adapter from, e.g. to evaluate an exported LoRA with ``mtflow test``.
             compile_transformer: ``torch.compile`` the transformer forward (after FSDP sharding when training);
                 measured 1.35x per iteration on CPU after a ~70 s cold compile (BENCHMARKS.md).
+            load_once: with several processes, only rank 0 reads the checkpoint; the others build every module on
+                the meta device and receive the weights from rank 0 after sharding (``materialize_from_rank0``), so
+                a node holds one full copy instead of one per GPU.
+            text_encoders: where CLIP and T5 live between encodings: "resident" on the training device, or
+                "offload": on the CPU, moved to the training device for each batched encoder call (cache misses
+                only) and back right after (T5-XXL is 8.9 GiB in bf16). Outputs are the same either way.
         """
         super().__init__()
         self.pretrained = pretrained
@@ -134,7 +142,12 @@ class KontextPolicy(LoRAAdapters, nn.Module):
         self.local_files_only = local_files_only
         self.lora_weights = lora_weights
         self.compile_transformer = compile_transformer
+        self.load_once = load_once
+        if text_encoders not in ("resident", "offload"):
+            raise ValueError(f"text_encoders must be 'resident' or 'offload', got {text_encoders!r}")
+        self.text_encoders = text_encoders
         self._pipeline = None
+        self._full_state: dict[str, dict[str, torch.Tensor]] | None = None
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.text_encoder_calls = 0  # batches sent through the text encoders (tests assert on it)
         self._warned_cut_text = False
@@ -154,13 +167,17 @@ class KontextPolicy(LoRAAdapters, nn.Module):
         from diffusers import FluxKontextPipeline
 
         dtype = DTYPES[self.dtype_name]
+        reader = not _loads_from_rank0(self.load_once) or torch.distributed.get_rank() == 0
         try:
-            pipe = FluxKontextPipeline.from_pretrained(
-                resolve_pretrained(self.pretrained),
-                revision=self.revision,
-                dtype=dtype,
-                local_files_only=self.local_files_only,
-            )
+            if reader:
+                pipe = FluxKontextPipeline.from_pretrained(
+                    resolve_pretrained(self.pretrained),
+                    revision=self.revision,
+                    dtype=dtype,
+                    local_files_only=self.local_files_only,
+                )
+            else:  # the weights come from rank 0 (materialize_from_rank0); only configs and tokenizers are read
+                pipe = self._pipeline_on_meta(dtype)
         except (OSError, ValueError) as err:  # missing folder, malformed id, no hub access, gated repo
             raise OSError(
                 f"could not load a FluxKontextPipeline from {self.pretrained!r} "
@@ -176,8 +193,13 @@ class KontextPolicy(LoRAAdapters, nn.Module):
             module.eval()
         self.transformer = pipe.transformer
         self.vae = pipe.vae
-        self.text_encoder = pipe.text_encoder
-        self.text_encoder_2 = pipe.text_encoder_2
+        if self.text_encoders == "offload":
+            # not registered as submodules: moving the policy to the GPU (Lightning, .to()) leaves them on the CPU
+            object.__setattr__(self, "text_encoder", pipe.text_encoder)
+            object.__setattr__(self, "text_encoder_2", pipe.text_encoder_2)
+        else:
+            self.text_encoder = pipe.text_encoder
+            self.text_encoder_2 = pipe.text_encoder_2
         # The pipeline object is kept (unregistered) for its encode/pack/id helpers; it shares these modules.
         object.__setattr__(self, "_pipeline", pipe)
         if self.attention_backend:
@@ -185,12 +207,74 @@ class KontextPolicy(LoRAAdapters, nn.Module):
         if self.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         if self.lora_rank > 0:
-            self._add_lora_adapters([TRAINED_ADAPTER, *extra_adapters])
+            if reader:
+                self._add_lora_adapters([TRAINED_ADAPTER, *extra_adapters])
+            else:
+                with torch.device("meta"):
+                    self._add_lora_adapters([TRAINED_ADAPTER, *extra_adapters])
         elif extra_adapters or self.lora_weights:
             raise ValueError("lora_rank=0 loads the bare model: it cannot hold adapters or LoRA weights")
+        if _loads_from_rank0(self.load_once) and reader:
+            # kept until materialize_from_rank0 has sent them: sharding replaces the transformer's parameters
+            self._full_state = {name: module.state_dict() for name, module in self._weight_modules().items()}
         if device is not None:
             self.to(device)
         return self
+
+    def _weight_modules(self) -> dict[str, nn.Module]:
+        return {
+            "transformer": self.transformer,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2,
+        }
+
+    def _pipeline_on_meta(self, dtype: torch.dtype):
+        """The pipeline with every model on the meta device (built from the checkpoint's configs, as
+        ``from_pretrained`` builds them) and the real tokenizers and scheduler."""
+        from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        path = resolve_pretrained(self.pretrained)
+        hub = {"revision": self.revision, "local_files_only": self.local_files_only}
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")  # diffusers' note about casting with to(): nothing is loaded here
+            components = {
+                "transformer": FluxTransformer2DModel.from_config(
+                    FluxTransformer2DModel.load_config(path, subfolder="transformer", **hub)
+                ),
+                "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder="vae", **hub)),
+                "text_encoder": CLIPTextModel._from_config(
+                    CLIPTextConfig.from_pretrained(path, subfolder="text_encoder", **hub), torch_dtype=dtype
+                ),
+                "text_encoder_2": T5EncoderModel._from_config(
+                    T5Config.from_pretrained(path, subfolder="text_encoder_2", **hub), torch_dtype=dtype
+                ),
+            }
+            components = {name: module.to(dtype) for name, module in components.items()}
+        return FluxKontextPipeline.from_pretrained(path, **components, **hub)
+
+    @torch.no_grad()
+    def materialize_from_rank0(self, device: torch.device | str = "cpu") -> None:
+        """After ``load`` (and FSDP2 sharding) on every rank: rank 0 sends its weights, every other rank allocates
+        its modules (its shards of the transformer) on ``device`` and receives them. A no-op without
+        ``load_once`` or with a single process."""
+        if not _loads_from_rank0(self.load_once):
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        rank0 = torch.distributed.get_rank() == 0
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        for name, module in self._weight_modules().items():
+            if not rank0:
+                module.to_empty(device=device)
+            set_model_state_dict(module, self._full_state[name] if rank0 else {}, options=options)
+            # buffers outside the state dict (e.g. CLIP's position ids) are not sent by the above
+            for buffer in module.buffers():
+                sent = buffer.detach().to(_collective_device(device))
+                torch.distributed.broadcast(sent, src=0)
+                buffer.copy_(sent)
+        self._full_state = None
 
     def _require_loaded(self):
         if self._pipeline is None:
@@ -266,7 +350,7 @@ class KontextPolicy(LoRAAdapters, nn.Module):
         fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if missing:
             self._warn_if_cut(pipe, missing)
-            with _without_t5_cut_notice(pipe):
+            with _without_t5_cut_notice(pipe), self._encoders_on(self.device):
                 prompt_embeds, pooled, _ = pipe.encode_prompt(
                     prompt=missing,
                     prompt_2=None,
@@ -290,6 +374,21 @@ class KontextPolicy(LoRAAdapters, nn.Module):
             pooled_embeds=torch.stack([r[1] for r in rows]),
             text_ids=text_ids,
         )
+
+    @contextmanager
+    def _encoders_on(self, device: torch.device) -> Iterator[None]:
+        """CLIP and T5 on ``device`` for one encoder call; offloaded ones go back to the CPU afterwards."""
+        encoders = (self.text_encoder, self.text_encoder_2)
+        if self.text_encoders == "resident":
+            yield
+            return
+        for encoder in encoders:
+            encoder.to(device)
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
@@ -395,6 +494,22 @@ class KontextPolicy(LoRAAdapters, nn.Module):
     def save_pretrained_base(self, path: str | Path) -> None:
         """Save the (frozen) base pipeline, e.g. to reuse a trained toy prior as a checkpoint folder."""
         self._require_loaded().save_pretrained(path)
+
+
+def _loads_from_rank0(load_once: bool) -> bool:
+    """Whether rank 0 reads the checkpoint for everyone (``load_once`` under several processes)."""
+    return (
+        load_once
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def _collective_device(device: torch.device | str) -> torch.device:
+    """Where a broadcast can run: the GPU under NCCL, the CPU under gloo."""
+    backend = torch.distributed.get_backend()
+    return torch.device(device) if backend != "gloo" else torch.device("cpu")
 
 
 class _DropT5CutNotice(logging.Filter):

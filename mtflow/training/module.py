@@ -106,6 +106,7 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1] (or None for no EMA), got {ema_decay}")
         algorithm.check(rollout, advantage)
+        optim.check_schedule(max_iterations)
         self.policy = policy
         self.scorer = scorer
         self.eval_scorer = eval_scorer if eval_scorer is not None else scorer
@@ -147,20 +148,31 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
             from mtflow.training.distributed import shard_policy
 
             shard_policy(self.policy, self.device_mesh)
+        materialize = getattr(self.policy, "materialize_from_rank0", None)
+        if (
+            materialize is not None
+        ):  # policies that read the checkpoint on rank 0 only (KontextPolicy.load_once)
+            materialize(self.trainer.strategy.root_device if self._trainer is not None else "cpu")
         self.policy.compile_if_requested()  # no-op unless the policy asks for it
 
     def configure_optimizers(self):
         optim = self.optim_config
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             self.policy.adapter_parameters(TRAINED_ADAPTER),
             lr=optim.lr,
             betas=tuple(optim.betas),
             weight_decay=optim.weight_decay,
         )
+        if not optim.has_schedule:
+            return optimizer
+        # stepped by step_optimizer (manual optimisation); Lightning checkpoints and restores its state
+        scheduler = optim.build_scheduler(optimizer, self.max_iterations)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ================================================================== the iteration
     def training_step(self, batch: ChainBatch | list[EditChain], batch_idx: int) -> None:
         started = time.perf_counter()
+        lr = self._learning_rate()  # of this iteration's first optimiser step
         chains = chains_of(batch)
         result = self.rollout_chains(chains)
         scores, prepared, judge_stats = self.score_and_prepare(result)
@@ -181,6 +193,7 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
             "perf/iteration_s": elapsed,
             "perf/trajectories_per_s": result.num_trajectories / elapsed,
             "train/iteration": float(self.iteration),
+            "train/lr": lr,
         }
         self.log_dict(
             _loggable(self._mean_over_ranks(stats)), on_step=True, on_epoch=False, batch_size=len(chains)
@@ -197,15 +210,31 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
             recorded = sde.recorded_steps(self.rollout_config.num_steps, self.generator("window", host=True))
         generators = [self.generator("rollout", chain.chain_id) for chain in chains]
         self.policy.eval()
-        return rollout(
-            self.policy,
-            chains,
-            self.rollout_config,
-            generator=generators,
-            adapter=self.algorithm.sampling_adapter,
-            recorded_steps=recorded,
-            sde=sde,
-        )
+        from mtflow.training.unsharded import unsharded
+
+        units = self.policy.fsdp_units() if self._rollout_unsharded() else []
+        with unsharded(units):  # no units: FSDP2's per-call all-gathers as usual
+            return rollout(
+                self.policy,
+                chains,
+                self.rollout_config,
+                generator=generators,
+                adapter=self.algorithm.sampling_adapter,
+                recorded_steps=recorded,
+                sde=sde,
+            )
+
+    def _rollout_unsharded(self) -> bool:
+        """``rollout.unsharded`` resolved: "auto" is on only on a GPU whose free memory holds the unsharded base
+        and leaves a quarter of the GPU for the rollout (the same decision on every rank)."""
+        mode = getattr(self.rollout_config, "unsharded", "off")
+        if mode != "auto" or self.device.type != "cuda" or self.device_mesh is None:
+            return mode == "on"
+        from mtflow.training.unsharded import unsharded_bytes
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        need = unsharded_bytes(self.policy.fsdp_units(), self.policy.model_dtype)
+        return self._all_ranks(free - need >= total // 4)
 
     def score_and_prepare(self, result: Rollout) -> tuple[ScoreBatch, Any, dict[str, float]]:
         """Ask the judge (in a background thread when ``overlap_scoring``) while the algorithm prepares the
@@ -320,6 +349,9 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
         if self._all_ranks(bool(finite)):  # one host sync per optimiser step
             optimizer.step()
             self.nonfinite_streak = 0
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:  # per optimiser step taken (a skipped step does not advance it)
+                scheduler.step()
         else:
             self.nonfinite_streak += 1
             limit = self.optim_config.max_nonfinite_skips
@@ -336,6 +368,11 @@ class FlowRLModule(EvaluationSteps, L.LightningModule):
                     "training stopped (the last checkpoint is intact). Lower the learning rate or check the judge."
                 )
         optimizer.zero_grad(set_to_none=True)
+
+    def _learning_rate(self) -> float:
+        if self._trainer is None:  # driven by hand (benchmarks): no optimiser attached
+            return float("nan")
+        return float(self.optimizers().param_groups[0]["lr"])
 
     # ================================================================== collectives and plumbing
     def _all_ranks(self, flag: bool) -> bool:

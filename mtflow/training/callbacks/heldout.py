@@ -30,28 +30,47 @@ class HeldOutEvaluation(L.Callback):
         self.before_scores: dict[str, Any] | None = None
 
     def _evaluate(self, trainer, pl_module, label: str):
-        from mtflow.eval.evaluate import evaluate_chains
+        from tqdm.auto import tqdm
+
+        from mtflow.data.loader import ChainBatches
+        from mtflow.eval.evaluate import ConditionScores, build_report, rollout_and_score
+        from mtflow.eval.metrics import MULTI_TURN
 
         source = trainer.datamodule.sources.get("val") if trainer.datamodule is not None else None
         if source is None:
             return None
-        chains = [source[i] for i in range(min(self.num_chains, len(source)))]
-        # every rank evaluates the same chains (sharded models need equal forward calls on all ranks)
+        held_out = _FirstChains(source, min(self.num_chains, len(source)))
+        # Chains split across ranks exactly as `mtflow test` splits them (ChainDataModule's evaluation loader):
+        # each rank rolls out and scores its own share; every rank gets the same number of batches (sharded models
+        # need equal forward calls), padded repeats are removed by chain id when the report is built.
+        batches = ChainBatches(
+            held_out,
+            self.batch_size,
+            shuffle=False,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            drop_last=False,
+            pad=True,
+        )
+        local = ConditionScores(kind=MULTI_TURN)
         pl_module.policy.eval()
-        report, raw = evaluate_chains(
-            pl_module.policy,
-            pl_module.eval_scorer,
-            chains,
-            conditions=["model"],
-            model_adapter=pl_module.eval_adapter,
-            num_steps=pl_module.eval_num_steps,
-            batch_size=self.batch_size,
-            forward_batch_size=pl_module.rollout_config.forward_batch_size,
-            seed=pl_module.seed,
-            threshold=pl_module.eval_config.threshold,
-            num_bootstrap=200,
-            # a bar on rank 0 only, and only when the run shows one (enable_progress_bar=false stays quiet)
-            progress=label if trainer.is_global_zero and trainer.progress_bar_callback is not None else None,
+        # a bar on rank 0 only, and only when the run shows one (enable_progress_bar=false stays quiet)
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        for batch in tqdm(batches, desc=label, unit="batch", disable=not show, leave=False):
+            scores, items = rollout_and_score(
+                pl_module.policy,
+                pl_module.eval_scorer,
+                batch.chains,
+                condition="model",
+                adapter=pl_module.eval_adapter,
+                num_steps=pl_module.eval_num_steps,
+                forward_batch_size=pl_module.rollout_config.forward_batch_size,
+                seed=pl_module.seed,
+            )
+            local.add([c.chain_id for c in batch.chains], scores, items, keep_items=4)
+        raw = {"model": _gather_over_ranks(local, trainer)}
+        report = build_report(
+            raw, threshold=pl_module.eval_config.threshold, num_bootstrap=200, seed=pl_module.seed
         )
         return report, raw
 
@@ -123,3 +142,38 @@ def per_chain_scores(condition) -> dict[str, Any]:
         "if": rows(scores.instruction_following),
         "cc": rows(scores.content_consistency),
     }
+
+
+class _FirstChains:
+    """The first ``count`` chains of a source, read lazily (each rank reads only the chains it evaluates)."""
+
+    def __init__(self, source, count: int) -> None:
+        self.source, self.count = source, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self.source[index]
+
+
+def _gather_over_ranks(local, trainer):
+    """Every rank's scores of one condition, on every rank (the images kept for the grid are rank 0's)."""
+    if trainer.world_size == 1:
+        return local
+    import torch
+
+    from mtflow.eval.evaluate import ConditionScores
+    from mtflow.reward.base import ScoreBatch
+
+    scores = local.scores
+    payload = (local.chain_ids, scores.instruction_following, scores.content_consistency, scores.scored)
+    gathered: list = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, payload)
+    merged = ConditionScores(kind=local.kind)
+    for ids, if_scores, cc_scores, scored in gathered:
+        merged.add(ids, ScoreBatch(if_scores, cc_scores, scored), [], keep_items=0)
+    merged.items = local.items
+    return merged
