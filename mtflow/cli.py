@@ -61,14 +61,14 @@ class MtflowTrainer(Trainer):
         """Write a trained LoRA as ``pytorch_lora_weights.safetensors`` for diffusers and ComfyUI.
 
         Args:
-            model: the module of the run (only its policy's LoRA settings are read).
+            model: the module of the run (only its policy's LoRA settings and file layout are read).
             ckpt_path: a checkpoint written by ``mtflow fit``.
             output_dir: folder to write into.
             adapter: "default" (the trained adapter) or "ema".
         """
         from mtflow.export import export_checkpoint
 
-        path = export_checkpoint(ckpt_path, output_dir, adapter=adapter)
+        path = export_checkpoint(ckpt_path, output_dir, adapter=adapter, policy=model.policy)  # its layout
         print(f"wrote {path}")
         return path
 
