@@ -169,6 +169,8 @@ def editors_section(args: argparse.Namespace) -> list[Section]:
             ]
         )
     projection.notes += [
+        "FLUX.1-Kontext's row counts the trained pass with `FlopCounterMode` (forward + backward) where the GPU "
+        "projection above uses its analytic backward model; the two agree to about 0.1%.",
         "Qwen-Image-Edit's text rows: the VL image at 384 x 384 pixels (the 2509 / Plus pipeline; 196 merged image "
         "tokens) plus ~35 prompt tokens, one row per chain in turn 1 and per trajectory after it, for the "
         "instruction and for the negative prompt; the VL tower is counted with full attention (an upper bound).",
