@@ -1,9 +1,8 @@
-"""Image sizes shared by the editors: which size a batch of sources is edited at, and the area rules of the stock
-pipelines that the editors' aspect buckets follow (each editor's own rule lives in its ``edit_size``)."""
+"""Image sizes shared by the editors: the one size a batch of sources is edited at (each editor's aspect rule
+lives in its own ``edit_size``)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from PIL import Image
@@ -21,11 +20,3 @@ def common_edit_size(policy, images: Sequence[Image.Image]) -> ImageSize:
             "by edit size (mtflow's data modules group them by the policy's buckets)"
         )
     return sizes.pop()
-
-
-def area_dimensions(area: int, ratio: float, multiple: int = 32) -> ImageSize:
-    """(width, height) of about ``area`` pixels with aspect ratio ``ratio`` (width / height), each rounded to the
-    nearest ``multiple``: the rule of Qwen-Image-Edit's ``calculate_dimensions``."""
-    width = math.sqrt(area * ratio)
-    height = width / ratio
-    return round(width / multiple) * multiple, round(height / multiple) * multiple
