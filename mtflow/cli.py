@@ -71,27 +71,49 @@ class MtflowTrainer(Trainer):
         """Write a trained LoRA as ``pytorch_lora_weights.safetensors`` for diffusers and ComfyUI.
 
         Args:
-            model: the module of the run (not needed: the checkpoint carries the LoRA settings).
+            model: not needed: the checkpoint carries the LoRA settings, and the config's policy class
+                (``--model.policy``) the file layout.
             ckpt_path: a checkpoint written by ``mtflow fit`` ("last": the newest of the config's run).
             output_dir: folder to write into.
             adapter: "default" (the trained adapter) or "ema".
             weights_only: accepted so that a run's saved ``config.yaml`` (which holds fit's value) can be passed;
                 export always reads the checkpoint as data only, so ``false`` is refused.
         """
-        return export_lora(ckpt_path, output_dir, adapter, weights_only)
+        policy = None if model is None else type(model.policy)
+        layout = None if policy is None else f"{policy.__module__}.{policy.__qualname__}"
+        return export_lora(ckpt_path, output_dir, adapter, weights_only, policy_class=layout)
 
 
-def export_lora(ckpt_path: str, output_dir: str, adapter: str, weights_only: bool | None = None) -> Path:
-    """``mtflow export``: the checkpoint's adapter as ``pytorch_lora_weights.safetensors``."""
+def export_lora(
+    ckpt_path: str,
+    output_dir: str,
+    adapter: str,
+    weights_only: bool | None = None,
+    policy_class: str | None = None,
+) -> Path:
+    """``mtflow export``: the checkpoint's adapter as ``pytorch_lora_weights.safetensors`` in the layout of
+    ``policy_class`` (a class path; None: FLUX.1-Kontext's)."""
     from mtflow.export import export_checkpoint
 
     if weights_only is False:
         raise CheckpointError(
             f"{ckpt_path}: export reads checkpoints as data only; weights_only=false is refused"
         )
-    path = export_checkpoint(ckpt_path, output_dir, adapter=adapter)
+    path = export_checkpoint(ckpt_path, output_dir, adapter=adapter, policy=_layout_of(policy_class))
     print(f"wrote {path}")
     return path
+
+
+def _layout_of(policy_class: str | None) -> Any:
+    """An editor's LoRA file layout without building it: ``lora_file_tensors`` reads class attributes only, so an
+    instance that never ran ``__init__`` (no weights, no GPU) writes the same file as a loaded policy."""
+    if policy_class is None:
+        return None
+    import importlib
+
+    module, _, name = policy_class.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls.__new__(cls)
 
 
 SECRET_NAMES = ("token", "api_key", "password", "secret")
@@ -245,7 +267,11 @@ class MtflowCLI(LightningCLI):
             config["ckpt_path"] = self._last_checkpoint(subcommand)
         if subcommand == "export":
             export_lora(
-                config["ckpt_path"], config["output_dir"], config["adapter"], config.get("weights_only")
+                config["ckpt_path"],
+                config["output_dir"],
+                config["adapter"],
+                config.get("weights_only"),
+                policy_class=config.get("model.policy.class_path"),
             )
             return
         super()._run_subcommand(subcommand)

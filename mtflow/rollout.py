@@ -4,6 +4,10 @@ Trajectories are laid out flat, ``n = b * G + g`` (chain b, member g); every ten
 turn's output is decoded to uint8 pixels and re-encoded as the next turn's reference, as at inference time
 (docs/design.md section 2: exposure bias lives in that round trip). All N trajectories of a turn advance together,
 ``forward_batch_size`` samples per transformer call.
+
+A batch is edited at one size (the policy's bucket of its sources, ``EditPolicy.edit_size``); every turn keeps it.
+For a policy whose text encoder reads the image (``text_reads_image``), each turn's instructions are encoded with
+that turn's input images, so ``text`` then holds one row per (instruction, image).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from PIL import Image
 
 from mtflow import kernels
 from mtflow.data.records import EditChain
-from mtflow.models.base import TRAINED_ADAPTER, EditPolicy, TextEmbeddings
+from mtflow.models.base import TRAINED_ADAPTER, EditPolicy, ImageSize, TextEmbeddings
 from mtflow.reward.base import ScoreBatch, ScoringItem
 from mtflow.sampling import SDEConfig
 
@@ -85,9 +89,10 @@ class Rollout:
     Attributes:
         chains: the B chains (ids, instructions, metadata for the judge).
         group_size: G.
-        text: the unique instructions' embeddings; ``text_index`` points into it.
-        text_index: [N, K] long, the instruction row of trajectory n at turn k.
-        source_images: [B, 3, H, W] uint8, sources after resizing to the policy resolution.
+        text: the unique instructions' embeddings (one row per (instruction, image) for a policy whose text
+            encoder reads the image); ``text_index`` points into it.
+        text_index: [N, K] long, the text row of trajectory n at turn k.
+        source_images: [B, 3, H, W] uint8, sources after resizing to the batch's edit size.
         images: [N, K, 3, H, W] uint8, the output of every turn.
         reference_latents: [N, K, L_ref, C] float32, the conditioning of every turn (turn 1: the source).
         final_latents: [N, K, L, C] float32, the clean latent each turn's sampler ended at.
@@ -99,6 +104,8 @@ class Rollout:
         noise_level: the a used.
         backend: the kernels backend of the sampling steps (recomputing with the same one gives ratio exactly 1).
         stats: timings and counts (``perf/rollout_s``, ...).
+        image_size: (width, height) every image and latent of the rollout has (the sources' bucket; None: the
+            policy's square resolution).
     """
 
     chains: list[EditChain]
@@ -118,6 +125,7 @@ class Rollout:
     noise_level: float
     backend: kernels.Backend = "auto"
     stats: dict[str, float] = field(default_factory=dict)
+    image_size: ImageSize | None = None
 
     @property
     def num_chains(self) -> int:
@@ -230,10 +238,10 @@ class _NoiseSource:
             [torch.randn((self.group, *shape), generator=g, device=device) for g in self.generators]
         )
 
-    def initial(self, policy: EditPolicy, num_total: int) -> torch.Tensor:
+    def initial(self, policy: EditPolicy, num_total: int, size: ImageSize) -> torch.Tensor:
         if len(self.generators) == 1:
-            return policy.initial_noise(num_total, self.first)
-        return torch.cat([policy.initial_noise(self.group, g) for g in self.generators])
+            return policy.initial_noise(num_total, self.first, size)
+        return torch.cat([policy.initial_noise(self.group, g, size) for g in self.generators])
 
 
 @torch.no_grad()
@@ -274,16 +282,23 @@ def rollout(
 
     with policy.use_adapter(adapter):
         instructions = [c for chain in chains for c in chain.instructions]
-        text = policy.encode_text(instructions)
-        text_index = (
-            text.index_of(instructions).view(num_chains, num_turns).repeat_interleave(group, dim=0)
-        )  # [N, K]
+        if policy.text_reads_image:
+            # turn 1's instructions with each chain's source (shared by its G trajectories); later turns are
+            # encoded once their input images exist
+            turn_texts = [policy.encode_text([c.instructions[0] for c in chains], [c.source for c in chains])]
+            turn_rows = [torch.arange(num_chains).repeat_interleave(group)]  # [N] rows of turn_texts[k]
+        else:
+            text = policy.encode_text(instructions)
+            text_index = (
+                text.index_of(instructions).view(num_chains, num_turns).repeat_interleave(group, dim=0)
+            )  # [N, K]
 
         source_pixels = policy.images_to_pixels([chain.source for chain in chains])  # [B, 3, H, W]
+        size = (source_pixels.shape[-1], source_pixels.shape[-2])  # the batch's bucket, kept by every turn
         # The source is encoded once per chain, not once per trajectory.
         reference = policy.encode_reference(source_pixels).repeat_interleave(group, dim=0)  # [N, L_ref, C]
 
-        grid = policy.timestep_grid(config.num_steps)
+        grid = policy.timestep_grid(config.num_steps, size)
         sigmas = grid.sigmas.float()
         if sde is None:
             recorded: list[int] = []
@@ -297,7 +312,11 @@ def rollout(
         forward_calls = 0
         for k in range(num_turns):
             references.append(reference)
-            x = noise.initial(policy, n_total)
+            if policy.text_reads_image:
+                turn_text, turn_index = turn_texts[k], turn_rows[k].to(turn_texts[k].prompt_embeds.device)
+            else:
+                turn_text, turn_index = text, text_index[:, k]
+            x = noise.initial(policy, n_total, size)
             turn_states, turn_next, turn_logp = [], [], []
             for i in range(config.num_steps):
                 is_recorded = i in recorded
@@ -307,7 +326,7 @@ def rollout(
                 velocity = torch.empty_like(x)
                 for sl in _batched(n_total, config.forward_batch_size):
                     velocity[sl] = policy.velocity(
-                        x[sl], grid.model_timesteps[i], reference[sl], text, text_index[sl, k]
+                        x[sl], grid.model_timesteps[i], reference[sl], turn_text, turn_index[sl], size
                     )
                     forward_calls += 1
                 stochastic = is_recorded and noise_level > 0
@@ -328,13 +347,21 @@ def rollout(
                 x = step.x_next
             finals.append(x)
             turn_images = torch.cat(
-                [policy.decode(x[sl]) for sl in _batched(n_total, config.forward_batch_size)]
+                [policy.decode(x[sl], size) for sl in _batched(n_total, config.forward_batch_size)]
             )
             images.append(turn_images)
             if turn_states:
                 states.append(torch.stack(turn_states, dim=1))
                 next_states.append(torch.stack(turn_next, dim=1))
                 log_probs.append(torch.stack(turn_logp, dim=1))
+            if k + 1 < num_turns and policy.text_reads_image:  # the next instructions read these outputs
+                turn_texts.append(
+                    policy.encode_text(
+                        [chains[n // group].instructions[k + 1] for n in range(n_total)],
+                        [uint8_to_pil(image) for image in turn_images],
+                    )
+                )
+                turn_rows.append(torch.arange(n_total))
             if k + 1 < num_turns and config.chain_through == "latents":
                 reference = x.float().clone()  # [N, L, C]; same packing as the reference latents
             elif k + 1 < num_turns:
@@ -346,6 +373,12 @@ def rollout(
                     ]
                 )
 
+    if policy.text_reads_image:  # every turn's rows in one table; text_index points into it
+        offsets = torch.tensor([0] + [t.num_rows for t in turn_texts[:-1]]).cumsum(0)
+        text = TextEmbeddings.concat(turn_texts)
+        text_index = torch.stack([rows + offset for rows, offset in zip(turn_rows, offsets)], dim=1).to(
+            text.prompt_embeds.device
+        )
     latent_shape = tuple(finals[0].shape[1:])
     device = finals[0].device
     if recorded:
@@ -374,6 +407,7 @@ def rollout(
         model_timesteps=grid.model_timesteps.float(),
         noise_level=noise_level,
         backend=config.kernels,
+        image_size=size,
         stats={
             "perf/rollout_s": elapsed,
             "perf/rollout_forward_calls": float(forward_calls),
@@ -425,6 +459,7 @@ def recompute_transition(
         rollout.reference_latents[sl, k],
         rollout.text,
         rollout.text_index[sl, k],
+        rollout.image_size,
     )
     log_prob, mean, std = kernels.transition_log_prob(
         x,

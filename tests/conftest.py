@@ -51,3 +51,20 @@ def tiny_qwen3vl_path(tmp_path_factory):
     from mtflow.testing.tiny_qwen3vl import build_tiny_qwen3vl
 
     return build_tiny_qwen3vl(tmp_path_factory.mktemp("models") / "tiny-qwen3vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_edit_path(tmp_path_factory):
+    """Folder holding a tiny ``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509 layout) saved with
+    ``save_pretrained``."""
+    from mtflow.testing.tiny_qwen_image_edit import build_tiny_qwen_image_edit
+
+    return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("models") / "tiny-qwen-image-edit", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_path(tmp_path_factory):
+    """Folder holding a tiny ``Flux2KleinPipeline`` (a guided -base model) saved with ``save_pretrained``."""
+    from mtflow.testing.tiny_flux2_klein import build_tiny_flux2_klein
+
+    return build_tiny_flux2_klein(tmp_path_factory.mktemp("models") / "tiny-flux2-klein", seed=0)

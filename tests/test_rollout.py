@@ -37,8 +37,8 @@ def _chains(num: int, turns: int = 3) -> list[EditChain]:
         EditChain(
             f"chain{b}",
             Image.fromarray(
-                rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-            ),  # resized to 32 x 32 by the policy
+                rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            ),  # square: resized to 32 x 32 by the policy (other aspect ratios: tests/test_aspect_buckets.py)
             [words[(b + k) % len(words)] for k in range(turns)],
         )
         for b in range(num)

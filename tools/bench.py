@@ -40,6 +40,7 @@ import torch
 from benchkit.context import Context
 from benchkit.harness import ModelSpec, bench_chains, build_model, load_policy
 from benchkit.report import Section, log
+from benchkit.sections.editors import editors_section
 from benchkit.sections.gpu_projection import projection
 from benchkit.sections.growth import growth
 from benchkit.sections.loss_modes import loss_modes
@@ -91,6 +92,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     r.add_argument("--model-root", default=None, help="where tiny models are built (default: a temp dir)")
     r.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat, no compile")
+    e = p.add_argument_group("editors (benchkit.sections.editors)")
+    e.add_argument("--skip-editors", action="store_true", help="skip the editors section")
+    e.add_argument(
+        "--editors-only",
+        action="store_true",
+        help="run only the editors section; with --write, replace that section of the file (the rest is kept)",
+    )
+    e.add_argument("--editor-chains", type=int, default=1, help="B of the editor runs")
+    e.add_argument("--editor-group", type=int, default=4, help="G of the editor runs")
+    e.add_argument("--editor-turns", type=int, default=2, help="K of the editor runs")
+    e.add_argument("--editor-steps", type=int, default=6, help="T of the editor runs")
+    e.add_argument("--editor-repeats", type=int, default=2, help="timed iterations per editor and algorithm")
     o = p.add_argument_group("output")
     o.add_argument("--write", default=None, help="write the Markdown report here (e.g. BENCHMARKS.md)")
     o.add_argument("--json", default=None, help="write raw results as JSON here")
@@ -107,6 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.nft_draws = [1, 2]
         args.growth_group, args.growth_steps, args.growth_turns = [2, 4], [], []
         args.growth_repeats, args.skip_compile, args.judge_delay = 1, True, 0.05
+        args.editor_group, args.editor_steps, args.editor_repeats = 2, 2, 1
     return args
 
 
@@ -115,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    if args.editors_only:
+        return editors_only(args, argv, started)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     spec = ModelSpec(
         num_layers=args.layers,
@@ -152,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     sections += [opt, fits]
     sections.insert(0, summary(ctx))
     sections += projection(ctx)
+    if not args.skip_editors:  # fenced, so that --editors-only can replace it later
+        sections.append(Fenced(editors_section(args)))
     sections.append(findings(ctx))
     elapsed = time.perf_counter() - started
     command = "python " + " ".join(
@@ -179,6 +197,51 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(ctx.results, indent=1, default=str))
     return ctx.results
+
+
+EDITORS_BEGIN, EDITORS_END = "<!-- editors: begin -->", "<!-- editors: end -->"
+
+
+class Fenced:
+    """Sections between the editors markers (a report's block that ``--editors-only`` rewrites)."""
+
+    def __init__(self, sections: list[Section], intro: str = "") -> None:
+        self.sections = sections
+        self.intro = intro
+
+    def markdown(self) -> str:
+        body = "\n".join(s.markdown() for s in self.sections)
+        return f"{EDITORS_BEGIN}\n{self.intro}{body}{EDITORS_END}\n"
+
+
+def editors_only(args: argparse.Namespace, argv: list[str] | None, started: float) -> dict:
+    """The editors section alone; ``--write`` puts it into an existing report in place of its previous version
+    (before the findings when absent), keeping everything else, with the command that produced it."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    sections = editors_section(args)
+    command = "python " + " ".join(
+        shlex.quote(x) for x in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    )
+    intro = (
+        f"Produced by `{command}` (load average {load:.1f} at start, {args.threads} torch thread(s), "
+        f"{(time.perf_counter() - started) / 60:.1f} min).\n\n"
+    )
+    fenced = Fenced(sections, intro).markdown()
+    print(fenced)
+    if args.write:
+        path = Path(args.write)
+        text = path.read_text() if path.exists() else ""
+        if EDITORS_BEGIN in text and EDITORS_END in text:
+            end = text.index(EDITORS_END) + len(EDITORS_END) + 1
+            text = text[: text.index(EDITORS_BEGIN)] + fenced + text[end:]
+        elif "\n## Findings" in text:
+            at = text.index("\n## Findings") + 1
+            text = text[:at] + fenced + "\n" + text[at:]
+        else:
+            text += "\n" + fenced
+        path.write_text(text)
+        log(f"wrote the editors section into {args.write}")
+    return {}
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ class NFT(Algorithm[NFTSamples]):
         num_steps = ctx.rollout_config.num_steps
         n_total, turns = result.num_trajectories, result.num_turns
         draws = min(self.train_timesteps, num_steps)
-        grid = policy.timestep_grid(num_steps)
+        grid = policy.timestep_grid(num_steps, result.image_size)
         trajectory, turn, sigma, noise = [], [], [], []
         for b, chain in enumerate(result.chains):
             gen = ctx.generator("nft", chain.chain_id, host=True)
@@ -123,6 +123,7 @@ class NFT(Algorithm[NFTSamples]):
                 result.reference_latents[trajectory_t[sl], turn_t[sl]],
                 result.text,
                 result.text_index[trajectory_t[sl], turn_t[sl]],
+                result.image_size,
             )
             with policy.use_adapter(OLD_ADAPTER):
                 v_old[sl] = policy.velocity(*args)
@@ -163,6 +164,7 @@ class NFT(Algorithm[NFTSamples]):
                     result.reference_latents[n, k],
                     result.text,
                     result.text_index[n, k],
+                    result.image_size,
                 )
                 loss, stats = nft_loss(
                     v_theta,

@@ -345,9 +345,25 @@ class ManifestDataset(torch.utils.data.Dataset):
             max_pixels=max_pixels,
             allow_outside_paths=allow_outside_paths,
         )
+        self._sizes: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of chain ``index``'s source image, read from the file header once (for aspect buckets,
+        without decoding the image)."""
+        if index not in self._sizes:
+            entry = self.entries[index]
+            try:
+                with Image.open(entry.image_path) as image:
+                    self._sizes[index] = image.size
+            except Exception as error:  # name the file and line: the image may have changed since validation
+                raise RuntimeError(
+                    f"{self.manifest}:{entry.line}: cannot read image {entry.image_path} "
+                    f"({type(error).__name__}: {error})"
+                ) from error
+        return self._sizes[index]
 
     def __getitem__(self, index: int) -> EditChain:
         entry = self.entries[index]

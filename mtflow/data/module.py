@@ -1,6 +1,13 @@
-"""Lightning data modules: chains from a JSONL manifest (or any ``ChainSource``) as resumable per-rank batches."""
+"""Lightning data modules: chains from a JSONL manifest (or any ``ChainSource``) as resumable per-rank batches.
+
+A rollout edits one image size, so when the source reports its images' sizes (``image_size(index)``, as
+``ManifestDataset`` does) and the model's policy has aspect buckets (``edit_size``), every batch holds chains of
+one bucket (``ChainBatches(bucket_of=...)``); whole chains stay on one rank, so a GRPO group is never split.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Hashable
 
 import lightning as L
 
@@ -40,6 +47,16 @@ class ChainDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def _bucket_of(self, source: ChainSource) -> Callable[[int], Hashable] | None:
+        """Chain index -> (width, height) the model's policy edits it at, when the source knows its images' sizes
+        and a model with a policy is attached (None: one bucket, e.g. the toy world's square images)."""
+        size_of = getattr(source, "image_size", None)
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        edit_size = getattr(getattr(module, "policy", None), "edit_size", None)
+        if size_of is None or edit_size is None:
+            return None
+        return lambda index: tuple(edit_size(size_of(index)))
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> ChainBatches:
         self.setup()
         source = self.sources.get(split)
@@ -55,6 +72,7 @@ class ChainDataModule(L.LightningDataModule):
             world_size=world,
             drop_last=shuffle,
             pad=not shuffle,  # evaluation: equal batches on every rank; repeats are removed by chain id
+            bucket_of=self._bucket_of(source),
         )
 
     def train_dataloader(self) -> ChainBatches:

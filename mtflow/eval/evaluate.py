@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from mtflow.data.loader import batches_by_size
 from mtflow.data.records import EditChain
 from mtflow.eval.metrics import MULTI_TURN, SINGLE_TURN_MERGED, compute_eval_metrics, paired_final_difference
 from mtflow.eval.report import EvalReport
@@ -106,17 +107,21 @@ def eval_generators(
 
 
 def paired_eval_generators(
-    policy: EditPolicy, noise_from: Sequence[tuple[str, int]], seed: int
+    policy: EditPolicy,
+    noise_from: Sequence[tuple[str, int]],
+    seed: int,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[torch.Generator]:
     """Per chain, the generator of chain ``chain_id`` (``eval_generators``) advanced past the initial noise of its
     first ``turn`` turns: a 1-turn chain then starts from exactly the noise turn ``turn + 1`` of that chain started
     from (deterministic sampling draws only one initial noise per turn). Pairs teacher-forced turns with the
-    model's own chained turns, so the two differ only in their input image."""
+    model's own chained turns, so the two differ only in their input image. ``sizes``: each chain's edit size
+    (the noise's shape; None: the policy's square)."""
     generators = []
-    for chain_id, turn in noise_from:
+    for index, (chain_id, turn) in enumerate(noise_from):
         generator = eval_generator(chain_id, seed, policy.device)
         for _ in range(turn):
-            policy.initial_noise(1, generator)
+            policy.initial_noise(1, generator, None if sizes is None else sizes[index])
         generators.append(generator)
     return generators
 
@@ -175,7 +180,8 @@ def rollout_and_score(
     if noise_from is None:
         generators = eval_generators(chains, seed, policy.device)
     else:  # a length mismatch is refused by rollout (one generator per chain)
-        generators = paired_eval_generators(policy, noise_from, seed)
+        sizes = [policy.edit_size(chain.source.size) for chain in chains]
+        generators = paired_eval_generators(policy, noise_from, seed, sizes)
     result = rollout(policy, chains, config, generator=generators, adapter=adapter)
     items = scoring_items(result)
     return scorer.score(items), items
@@ -271,8 +277,11 @@ def evaluate_chains(
         disable=progress is None,
         leave=False,
     )
-    for start in range(0, len(chains), batch_size):
-        batch = list(chains[start : start + batch_size])
+    # a rollout edits one size: chains are batched within their policy bucket (in order; one bucket: plain slices)
+    for rows in batches_by_size(
+        range(len(chains)), batch_size, lambda i: policy.edit_size(chains[i].source.size)
+    ):
+        batch = [chains[i] for i in rows]
         for name in conditions:
             adapter = None if name == "base" else model_adapter
             scores, items = rollout_and_score(
@@ -285,7 +294,7 @@ def evaluate_chains(
                 forward_batch_size=forward_batch_size,
                 seed=seed,
                 chain_through=chain_through,
-                noise_from=None if noise_from is None else noise_from[start : start + batch_size],
+                noise_from=None if noise_from is None else [noise_from[i] for i in rows],
             )
             collected[name].add([c.chain_id for c in batch], scores, items, keep_items)
             bar.update(len(batch))

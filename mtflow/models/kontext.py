@@ -1,8 +1,13 @@
 """FLUX.1-Kontext as an RL policy: loading, LoRA adapters, cached text encoding, latents and velocity.
 
 Everything Kontext-specific lives here (2x2 latent packing, position ids with the reference-image marker,
-VAE shift/scale, the distilled guidance scalar, the resolution-dependent timestep shift); the rollout and the
-trainer only see the ``EditPolicy`` interface (``mtflow/models/base.py``).
+VAE shift/scale, the distilled guidance scalar, the resolution-dependent timestep shift, the aspect buckets); the
+rollout and the trainer only see the ``EditPolicy`` interface (``mtflow/models/base.py``).
+
+Aspect buckets: a source is edited at the Kontext preferred resolution whose aspect ratio is nearest to its own
+(the rule of the pipeline's ``_auto_resize``), scaled from the 1024 x 1024 area those resolutions are made for to
+``resolution`` x ``resolution``; reference and output of every turn keep that size. At ``resolution`` 1024 this is
+exactly the reference size ``FluxKontextPipeline`` picks; a square source gives ``resolution`` x ``resolution``.
 
 Where diffusers already implements a step of ``FluxKontextPipeline`` (prompt encoding, VAE encoding, packing,
 ids, pre/post-processing), this module calls the pipeline's own method, so that a rollout at noise level 0
@@ -28,7 +33,8 @@ from PIL import Image
 from torch import nn
 
 from mtflow.dtypes import DTYPES
-from mtflow.models.base import TRAINED_ADAPTER, TextEmbeddings
+from mtflow.models.base import TRAINED_ADAPTER, ImageSize, TextEmbeddings
+from mtflow.models.geometry import common_edit_size
 from mtflow.models.lora import LoRAAdapters
 from mtflow.sampling import TimestepGrid, build_timestep_grid
 
@@ -96,7 +102,8 @@ class KontextPolicy(LoRAAdapters, nn.Module):
                 toy editor shipped with mtflow).
             revision: hub revision (branch, tag or commit) of ``pretrained``.
             dtype: dtype of the frozen base (transformer, VAE, text encoders); LoRA weights are always float32.
-            resolution: square side in pixels that sources and outputs are resized to (multiple of 16 for Kontext).
+            resolution: side of the pixel area sources are edited at (multiple of 16 for Kontext): a square source
+                is resized to resolution x resolution, others to the nearest-aspect Kontext bucket of that area.
             guidance_scale: the distilled guidance scalar fed to the guidance embedding (Kontext-dev: 2.5).
             max_sequence_length: T5 tokens per instruction (Kontext: 512).
             lora_rank: LoRA rank r (0: no adapters, the bare model, e.g. for supervised training of a prior).
@@ -292,10 +299,8 @@ class KontextPolicy(LoRAAdapters, nn.Module):
 
     @property
     def latent_hw(self) -> tuple[int, int]:
-        """(h, w) of the unpacked latent grid."""
-        pipe = self._require_loaded()
-        side = 2 * (self.resolution // (pipe.vae_scale_factor * 2))
-        return side, side
+        """(h, w) of the unpacked latent grid of a square source."""
+        return self._latent_grid(None)
 
     @property
     def latent_channels(self) -> int:
@@ -303,18 +308,56 @@ class KontextPolicy(LoRAAdapters, nn.Module):
 
     @property
     def image_seq_len(self) -> int:
-        h, w = self.latent_hw
+        """Target tokens of a square source."""
+        return self._seq_len(None)
+
+    def edit_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of the Kontext bucket of a source of ``size``: the preferred resolution nearest in aspect
+        ratio (measured as FluxKontextPipeline measures it, on the size floored to a multiple of 16), scaled from
+        1024 x 1024 to ``resolution`` x ``resolution`` and floored to the packing multiple."""
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+        pipe = self._require_loaded()
+        step = pipe.image_processor.config.vae_scale_factor
+        width, height = (int(x) - int(x) % step for x in size)
+        if width <= 0 or height <= 0:
+            raise ValueError(f"a {size[0]}x{size[1]} source is smaller than Kontext's {step}-pixel grid")
+        aspect = width / height
+        _, bucket_w, bucket_h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        multiple = pipe.vae_scale_factor * 2
+        return tuple((x * self.resolution // 1024) // multiple * multiple for x in (bucket_w, bucket_h))
+
+    def _size(self, size: ImageSize | None) -> ImageSize:
+        return (self.resolution, self.resolution) if size is None else (int(size[0]), int(size[1]))
+
+    def _latent_grid(self, size: ImageSize | None) -> tuple[int, int]:
+        """(h, w) of the unpacked latent grid of images of ``size``."""
+        pipe = self._require_loaded()
+        width, height = self._size(size)
+        factor = pipe.vae_scale_factor * 2
+        return 2 * (height // factor), 2 * (width // factor)
+
+    def _seq_len(self, size: ImageSize | None) -> int:
+        h, w = self._latent_grid(size)
         return (h // 2) * (w // 2)
 
-    def timestep_grid(self, num_steps: int) -> TimestepGrid:
-        """The pipeline's grid: linspace(1, 1/T, T) shifted by mu(target tokens)."""
-        pipe = self._require_loaded()
-        return build_timestep_grid(pipe.scheduler, num_steps, self.image_seq_len, device=self.device)
+    def _check_tokens(self, latents: torch.Tensor, size: ImageSize | None) -> None:
+        if latents.shape[1] != self._seq_len(size):
+            width, height = self._size(size)
+            raise ValueError(
+                f"{latents.shape[1]} latent tokens are not an image of {width}x{height} ({self._seq_len(size)} "
+                "tokens): pass the size the latents were made at"
+            )
 
-    def _image_ids(self, device: torch.device) -> torch.Tensor:
+    def timestep_grid(self, num_steps: int, size: tuple[int, int] | None = None) -> TimestepGrid:
+        """The pipeline's grid: linspace(1, 1/T, T) shifted by mu(target tokens of ``size``)."""
+        pipe = self._require_loaded()
+        return build_timestep_grid(pipe.scheduler, num_steps, self._seq_len(size), device=self.device)
+
+    def _image_ids(self, device: torch.device, size: ImageSize | None = None) -> torch.Tensor:
         """[L + L_ref, 3]: target ids, then reference ids with the Kontext marker 1 in the first coordinate."""
         pipe = self._require_loaded()
-        h, w = self.latent_hw
+        h, w = self._latent_grid(size)
         target = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, self.model_dtype)
         reference = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, self.model_dtype)
         reference[..., 0] = 1
@@ -341,9 +384,15 @@ class KontextPolicy(LoRAAdapters, nn.Module):
                 stacklevel=2,
             )
 
+    text_reads_image = False  # CLIP and T5 read the instruction only
+
     @torch.no_grad()
-    def encode_text(self, instructions: Sequence[str]) -> TextEmbeddings:
+    def encode_text(
+        self, instructions: Sequence[str], images: Sequence[Image.Image] | None = None
+    ) -> TextEmbeddings:
         """Encode each distinct instruction once (one batched encoder call for all cache misses)."""
+        if images is not None:
+            raise ValueError("KontextPolicy's text encoders read the instruction only; pass no images")
         pipe = self._require_loaded()
         unique = list(dict.fromkeys(instructions))
         missing = [t for t in unique if t not in self._text_cache]
@@ -395,11 +444,12 @@ class KontextPolicy(LoRAAdapters, nn.Module):
 
     # ------------------------------------------------------------------ images and latents
     def images_to_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Resize and normalise as FluxKontextPipeline does: [N, 3, H, W] float32 in [-1, 1] on the policy device."""
+        """Resize each image to its bucket and normalise, as FluxKontextPipeline does: [N, 3, H, W] float32 in
+        [-1, 1] on the policy device. All images must fall into one bucket."""
         pipe = self._require_loaded()
-        side = self.resolution
-        resized = [pipe.image_processor.resize(img.convert("RGB"), side, side) for img in images]
-        return pipe.image_processor.preprocess(resized, side, side).to(self.device, torch.float32)
+        width, height = common_edit_size(self, images)
+        resized = [pipe.image_processor.resize(img.convert("RGB"), height, width) for img in images]
+        return pipe.image_processor.preprocess(resized, height, width).to(self.device, torch.float32)
 
     @staticmethod
     def uint8_to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -415,20 +465,25 @@ class KontextPolicy(LoRAAdapters, nn.Module):
         return pipe._pack_latents(latents, n, c, h, w).float()
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """[N, L, C] packed latents -> [N, 3, H, W] uint8 (rounded as diffusers' numpy_to_pil rounds)."""
+    def decode(self, latents: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """[N, L, C] packed latents of images of ``size`` -> [N, 3, H, W] uint8 (rounded as diffusers'
+        numpy_to_pil rounds)."""
         pipe = self._require_loaded()
-        side = self.resolution
-        z = pipe._unpack_latents(latents.to(self.vae.dtype), side, side, pipe.vae_scale_factor)
+        self._check_tokens(latents, size)
+        width, height = self._size(size)
+        z = pipe._unpack_latents(latents.to(self.vae.dtype), height, width, pipe.vae_scale_factor)
         z = z / self.vae.config.scaling_factor + self.vae.config.shift_factor
         image = self.vae.decode(z, return_dict=False)[0]
         image = pipe.image_processor.postprocess(image, output_type="pt")  # [0, 1]
         return (image.float() * 255).round().to(torch.uint8)
 
-    def initial_noise(self, num: int, generator: torch.Generator | None) -> torch.Tensor:
-        """N(0, I) drawn in the unpacked latent shape (as the pipeline draws it), then packed: [num, L, C] float32."""
+    def initial_noise(
+        self, num: int, generator: torch.Generator | None, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """N(0, I) drawn in the unpacked latent shape of ``size`` (as the pipeline draws it), then packed:
+        [num, L, C] float32."""
         pipe = self._require_loaded()
-        h, w = self.latent_hw
+        h, w = self._latent_grid(size)
         c = self.latent_channels
         noise = torch.randn((num, c, h, w), generator=generator, device=self.device, dtype=torch.float32)
         return pipe._pack_latents(noise, num, c, h, w)
@@ -441,12 +496,15 @@ class KontextPolicy(LoRAAdapters, nn.Module):
         reference: torch.Tensor,
         text: TextEmbeddings,
         text_index: torch.Tensor,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Velocity of the active adapter, [N, L, C] float32 (the reference tokens are sliced off).
 
         Args:
-            x: [N, L, C]; model_timestep: [N] or scalar; reference: [N, L_ref, C]; text_index: [N].
+            x: [N, L, C] latents of images of ``size``; model_timestep: [N] or scalar; reference: [N, L_ref, C] (the
+            same bucket); text_index: [N].
         """
+        self._check_tokens(x, size)
         n, length, _ = x.shape
         dtype = self.model_dtype
         hidden = torch.cat([x.to(dtype), reference.to(dtype)], dim=1)
@@ -461,7 +519,7 @@ class KontextPolicy(LoRAAdapters, nn.Module):
             pooled_projections=text.pooled_embeds[text_index],
             encoder_hidden_states=text.prompt_embeds[text_index],
             txt_ids=text.text_ids,
-            img_ids=self._image_ids(x.device),
+            img_ids=self._image_ids(x.device, size),
             return_dict=False,
         )[0]
         return out[:, :length].float()

@@ -109,36 +109,61 @@ class LoRAAdapters:
                 out.append((pname.replace(marker, "."), param))
         return out
 
+    # ------------------------------------------------------------------ LoRA files
+    # Prefix of the module keys in this editor's LoRA files ("transformer.": diffusers' Flux format, which
+    # FluxKontextPipeline and ComfyUI read). A policy whose stock pipeline reads another layout overrides
+    # ``lora_file_tensors`` and ``lora_tensors_from_file``.
+    lora_file_prefix = "transformer."
+
+    def lora_file_tensors(self, tensors: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        """``<prefix><module>.lora_A.weight`` / ``.lora_B.weight`` and one ``<prefix><module>.alpha`` scalar per
+        module: alpha as a tensor, not in the header, so that ComfyUI also applies alpha / r (see
+        ``mtflow/export.py``)."""
+        return prefixed_lora_tensors(tensors, alpha, self.lora_file_prefix)
+
+    def lora_tensors_from_file(
+        self, tensors: dict[str, torch.Tensor], source: str = ""
+    ) -> dict[str, torch.Tensor]:
+        """The inverse of ``lora_file_tensors``: module path -> tensor at this policy's alpha (the file's scale
+        alpha / r folded into ``lora_B``; a module without an ``.alpha`` has alpha = r, scale 1, as diffusers and
+        ComfyUI read it). ``source`` names the file in errors."""
+        prefix = self.lora_file_prefix
+        out = {}
+        for key, value in tensors.items():
+            if not key.startswith(prefix) or key.endswith(".alpha"):
+                continue
+            name = key[len(prefix) :]
+            if ".lora_B." in name:
+                module = name.rsplit(".lora_B.", 1)[0]
+                alpha = tensors.get(f"{prefix}{module}.alpha")
+                file_alpha = float(alpha) if alpha is not None else float(value.shape[1])
+                value = value * (file_alpha / self.lora_alpha)
+            out[name] = value
+        if not out:
+            raise KeyError(
+                f"{source}: no LoRA tensor starts with {prefix!r} (keys look like {next(iter(tensors), None)!r})"
+            )
+        return out
+
     @torch.no_grad()
     def load_lora_file(self, path: str | Path, adapter: str = TRAINED_ADAPTER) -> None:
-        """Load a diffusers-format LoRA file (``transformer.<module>.lora_A.weight`` [+ ``.alpha``]) into ``adapter``.
-
-        A file alpha different from this policy's ``lora_alpha`` is folded into ``lora_B`` so that the effective
-        update (alpha / r) B A is exactly the file's.
-        """
+        """Load a LoRA file in this editor's format (``lora_file_tensors``: ``mtflow export`` writes it, and so does
+        diffusers for Kontext) into ``adapter``, so that the effective update (alpha / r) B A is exactly the file's."""
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        loaded_tensors = self.lora_tensors_from_file(load_file(str(path)), source=str(path))
         params = dict(self.adapter_named_parameters(adapter))
         loaded = set()
-        for key, value in tensors.items():
-            if not key.startswith("transformer.") or key.endswith(".alpha"):
-                continue
-            name = key[len("transformer.") :]
+        for name, value in loaded_tensors.items():
             if name not in params:
                 raise KeyError(
-                    f"{path}: {key} does not match a LoRA module of this policy (targets {self.lora_targets})"
+                    f"{path}: {name} does not match a LoRA module of this policy (targets {self.lora_targets})"
                 )
             target = params[name]
             if tuple(target.shape) != tuple(value.shape):
                 raise ValueError(
-                    f"{path}: {key} has shape {tuple(value.shape)}, this policy expects {tuple(target.shape)}"
+                    f"{path}: {name} has shape {tuple(value.shape)}, this policy expects {tuple(target.shape)}"
                 )
-            if ".lora_B." in name:
-                module = name.rsplit(".lora_B.", 1)[0]
-                alpha = tensors.get(f"transformer.{module}.alpha")
-                if alpha is not None:
-                    value = value * (float(alpha) / self.lora_alpha)
             target.copy_(value.to(target.dtype))
             loaded.add(name)
         missing = sorted(set(params) - loaded)
@@ -150,3 +175,15 @@ class LoRAAdapters:
         """target <- source, parameter by parameter."""
         for dst, src in zip(self.adapter_parameters(target), self.adapter_parameters(source), strict=True):
             dst.copy_(src)
+
+
+def prefixed_lora_tensors(
+    tensors: dict[str, torch.Tensor], alpha: float, prefix: str
+) -> dict[str, torch.Tensor]:
+    """``{prefix}<module>.lora_A.weight`` / ``.lora_B.weight`` (float32, contiguous, on the CPU) and a
+    ``{prefix}<module>.alpha`` scalar tensor per module."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        out[prefix + name] = value.detach().to("cpu", torch.float32).contiguous()
+        out[f"{prefix}{name.rsplit('.lora_', 1)[0]}.alpha"] = torch.tensor(float(alpha))
+    return out

@@ -121,8 +121,24 @@ class PixelFlowPolicy(LoRAAdapters, nn.Module):
     def compile_if_requested(self) -> None:
         return None
 
-    # ------------------------------------------------------------------ sampling
-    def encode_text(self, instructions: Sequence[str]) -> TextEmbeddings:
+    # ------------------------------------------------------------------ geometry and sampling
+    text_reads_image = False
+
+    def edit_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Every source is squashed to the square (no aspect buckets: the simplest possible backbone)."""
+        return self.resolution, self.resolution
+
+    def _check_size(self, size: tuple[int, int] | None) -> None:
+        if size is not None and tuple(size) != (self.resolution, self.resolution):
+            raise ValueError(
+                f"PixelFlowPolicy edits {self.resolution}x{self.resolution} images only, not {size}"
+            )
+
+    def encode_text(
+        self, instructions: Sequence[str], images: Sequence[Image.Image] | None = None
+    ) -> TextEmbeddings:
+        if images is not None:
+            raise ValueError("PixelFlowPolicy's text embedding reads the instruction only; pass no images")
         unique = list(dict.fromkeys(instructions))
         rows = []
         for text in unique:
@@ -148,17 +164,22 @@ class PixelFlowPolicy(LoRAAdapters, nn.Module):
         """[N, 3, H, W] -> [N, L, C]: space-to-depth by ``patch``."""
         return F.pixel_unshuffle(pixels.to(self.device).float(), self.patch).flatten(2).transpose(1, 2)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        self._check_size(size)
         side = self.resolution // self.patch
         grid = latents.float().transpose(1, 2).reshape(latents.shape[0], -1, side, side)
         pixels = F.pixel_shuffle(grid, self.patch)
         return ((pixels.clamp(-1, 1) + 1.0) / 2.0 * 255.0).round().to(torch.uint8)
 
-    def initial_noise(self, num: int, generator: torch.Generator | None) -> torch.Tensor:
+    def initial_noise(
+        self, num: int, generator: torch.Generator | None, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        self._check_size(size)
         length, channels = (self.resolution // self.patch) ** 2, 3 * self.patch**2
         return torch.randn((num, length, channels), generator=generator, device=self.device)
 
-    def timestep_grid(self, num_steps: int) -> TimestepGrid:
+    def timestep_grid(self, num_steps: int, size: tuple[int, int] | None = None) -> TimestepGrid:
+        self._check_size(size)
         sigmas = torch.linspace(1.0, 0.0, num_steps + 1, device=self.device)
         return TimestepGrid(sigmas=sigmas, model_timesteps=sigmas[:-1].clone())
 
@@ -169,7 +190,9 @@ class PixelFlowPolicy(LoRAAdapters, nn.Module):
         reference: torch.Tensor,
         text: TextEmbeddings,
         text_index: torch.Tensor,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        self._check_size(size)
         n = x.shape[0]
         timestep = torch.as_tensor(model_timestep, device=x.device, dtype=torch.float32).expand(n)
         return self.transformer(

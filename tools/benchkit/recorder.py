@@ -123,7 +123,9 @@ class IterationRecorder(L.Callback):
         self._hook = policy.transformer.register_forward_pre_hook(record, with_kwargs=True)
         self._counter = count_calls(
             {
-                "text_encode": (policy._pipeline, "encode_prompt"),
+                # every editor's text encoder runs once per encoding call (Kontext: CLIP, then T5 inside one
+                # encode_prompt; Qwen-Image-Edit: the VL model; FLUX.2-klein: Qwen3)
+                "text_encode": (policy.text_encoder, "forward"),
                 "vae_encode": (policy.vae, "encode"),
                 "vae_decode": (policy.vae, "decode"),
                 "judge": (pl_module.scorer, "score"),
