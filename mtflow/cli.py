@@ -40,6 +40,7 @@ from mtflow.training.callbacks import (
     RolloutImageLogger,
     RunStatusWriter,
 )
+from mtflow.training.callbacks.config import RunConfigSaver
 from mtflow.training.migrate import migrate_hparams
 from mtflow.training.module import FlowRLModule
 
@@ -203,6 +204,7 @@ def _cli_setup() -> dict[str, Any]:
         "datamodule_class": ChainDataModule,
         "subclass_mode_data": True,
         "trainer_class": MtflowTrainer,
+        "save_config_callback": RunConfigSaver,  # into the versioned run folder, and to every logger
         "save_config_kwargs": {"overwrite": True},
         "auto_configure_optimizers": False,
     }
