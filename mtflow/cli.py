@@ -279,9 +279,14 @@ def _serve_reward(args: Sequence[str]) -> None:
 
 
 def _data(args: Sequence[str]) -> None:
-    usage = "usage: mtflow data convert-edival [options]   (see: mtflow data convert-edival --help)"
+    usage = "usage: mtflow data convert-edival|build-chains [options]   (see: mtflow data <command> --help)"
     if not args or args[0] in ("-h", "--help"):
         print(usage)
+        return
+    if args[0] == "build-chains":
+        from mtflow.workflow.chains import main as build_main
+
+        build_main(list(args[1:]))
         return
     if args[0] != "convert-edival":
         raise SystemExit(f"unknown data command {args[0]!r}\n{usage}")

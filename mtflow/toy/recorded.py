@@ -102,8 +102,10 @@ def recorded_settings(record: dict[str, Any]) -> dict[str, Any]:
     defaults = {name: p.default for name, p in inspect.signature(load_prior_policy).parameters.items()}
     world = ToyWorld(**record.get("world", {}))
     judge = {**_judge_settings(ToyJudge()), **record.get("judge", {})}
+    settings = dict(record.get("settings", {}))
+    settings.pop("num_pairs", None)  # the single-turn pairs' count: not part of the K-turn evaluation
     return {
-        "settings": dict(record.get("settings", {})),
+        "settings": settings,
         "judge": judge,
         "world": _world_settings(world),
         "chains": {

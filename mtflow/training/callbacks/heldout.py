@@ -24,7 +24,12 @@ class HeldOutEvaluation(L.Callback):
     GRID_CHAINS = 4
 
     def __init__(
-        self, num_chains: int = 64, batch_size: int = 32, enabled: bool = True, reuse_recorded: bool = True
+        self,
+        num_chains: int = 64,
+        batch_size: int = 32,
+        enabled: bool = True,
+        reuse_recorded: bool = True,
+        forward_batch_size: int | None = None,
     ) -> None:
         """
         Args:
@@ -33,13 +38,18 @@ class HeldOutEvaluation(L.Callback):
             enabled: switch the evaluation off without removing the callback.
             reuse_recorded: take the before-RL numbers from the base model's recorded ``heldout.json`` (the toy
                 prior's) when every evaluation setting matches the recorded ones; otherwise evaluate.
+            forward_batch_size: samples per transformer call of the evaluation (None: ``model.rollout``'s).
         """
         self.num_chains = num_chains
         self.batch_size = batch_size
         self.enabled = enabled
         self.reuse_recorded = reuse_recorded
+        self.forward_batch_size = forward_batch_size
         self.before: dict[str, Any] | None = None
         self.before_source: str | None = None  # "evaluated" or where the recorded numbers came from
+
+    def _forward_batch_size(self, pl_module) -> int:
+        return self.forward_batch_size or pl_module.rollout_config.forward_batch_size
 
     def _source(self, trainer):
         return trainer.datamodule.sources.get("val") if trainer.datamodule is not None else None
@@ -51,7 +61,7 @@ class HeldOutEvaluation(L.Callback):
             "num_steps": pl_module.eval_num_steps,
             "seed": pl_module.seed,
             "batch_size": self.batch_size,
-            "forward_batch_size": pl_module.rollout_config.forward_batch_size,
+            "forward_batch_size": self._forward_batch_size(pl_module),
             "threshold": pl_module.eval_config.threshold,
             "num_bootstrap": self.NUM_BOOTSTRAP,
         }
@@ -91,7 +101,7 @@ class HeldOutEvaluation(L.Callback):
             model_adapter=pl_module.eval_adapter,
             num_steps=pl_module.eval_num_steps,
             batch_size=self.batch_size,
-            forward_batch_size=pl_module.rollout_config.forward_batch_size,
+            forward_batch_size=self._forward_batch_size(pl_module),
             seed=pl_module.seed,
             threshold=pl_module.eval_config.threshold,
             num_bootstrap=self.NUM_BOOTSTRAP,
