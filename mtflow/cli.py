@@ -164,7 +164,10 @@ EXTRA_HELP = (
     "more commands (each with --help): "
     "mtflow serve-reward (the judge as an HTTP service), "
     "mtflow data convert-edival (an EdiVal CSV to a chain manifest), "
-    "mtflow sweep (expand, run and collect G x T ablation sweeps). "
+    "mtflow sweep (expand, run and collect G x T ablation sweeps), "
+    "mtflow data build-chains (training chains from images by a VLM), "
+    "mtflow edit (a K-turn edit of one's own image), "
+    "mtflow runs ls|show|gallery (runs, one run, its static HTML page). "
     "Without --config, `mtflow fit` runs the embedded toy world (configs/toy.yaml)."
 )
 
@@ -303,10 +306,24 @@ def _sweep(args: Sequence[str]) -> None:
         raise SystemExit(code)  # `mtflow sweep collect` on an unfinished sweep must not exit 0
 
 
+def _edit(args: Sequence[str]) -> None:
+    from mtflow.workflow.edit import main as edit_main
+
+    edit_main(list(args))
+
+
+def _runs(args: Sequence[str]) -> None:
+    from mtflow.workflow.runs import main as runs_main
+
+    runs_main(list(args))
+
+
 EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "serve-reward": _serve_reward,
     "data": _data,
     "sweep": _sweep,
+    "edit": _edit,
+    "runs": _runs,
 }
 
 
