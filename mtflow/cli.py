@@ -58,6 +58,11 @@ class MtflowTrainer(Trainer):
         output_dir: str = "lora_export",
         adapter: Literal["default", "ema"] = "default",
         datamodule: ChainDataModule | None = None,
+        push_to_hub: str | None = None,
+        model_card_only: bool = False,
+        private: bool = True,
+        hub_token_env: str = "HF_TOKEN",
+        weights_only: None = None,
     ) -> Path:
         """Write a trained LoRA as ``pytorch_lora_weights.safetensors`` for diffusers and ComfyUI.
 
@@ -66,7 +71,21 @@ class MtflowTrainer(Trainer):
             ckpt_path: a checkpoint written by ``mtflow fit``.
             output_dir: folder to write into.
             adapter: "default" (the trained adapter) or "ema".
+            push_to_hub: a Hub repository (``user/name``): write a model card (README.md) next to the LoRA and
+                upload both (created private unless ``private`` is false).
+            model_card_only: write (and with ``push_to_hub`` upload) only the model card, not the weights.
+            private: create the Hub repository as private.
+            hub_token_env: environment variable holding the Hub token.
+            weights_only: not an export option (a run's saved config.yaml carries it as null).
         """
+        if push_to_hub is not None or model_card_only:
+            from mtflow.workflow.hub import share_export
+
+            path = share_export(
+                ckpt_path, output_dir, adapter, push_to_hub, model_card_only, private, hub_token_env
+            )
+            print(f"wrote {Path(output_dir)}")
+            return path
         from mtflow.export import export_checkpoint
 
         path = export_checkpoint(ckpt_path, output_dir, adapter=adapter)
