@@ -37,6 +37,7 @@ def inspect_page(
     screenshot: str | Path | None = None,
     viewport: tuple[int, int] = (1280, 900),
     timeout_s: float = 60.0,
+    full_page: bool = True,
 ) -> dict[str, Any]:
     """Load ``page_path`` (a file) and return ``console_errors``, ``failed_requests``, ``broken_images`` (sources
     of images that did not load), ``num_images`` and, per ``selectors`` entry, the number of matching elements.
@@ -44,9 +45,10 @@ def inspect_page(
     Args:
         page_path: the HTML file.
         selectors: name -> CSS selector to count.
-        screenshot: write a full-page PNG here.
+        screenshot: write a PNG of the page here.
         viewport: window size in pixels (a laptop screen by default).
         timeout_s: page-load limit.
+        full_page: the screenshot holds the whole page (False: the viewport only).
     """
     from playwright.sync_api import sync_playwright
 
@@ -85,7 +87,7 @@ def inspect_page(
             for name, selector in (selectors or {}).items():
                 report[name] = page.locator(selector).count()
             if screenshot is not None:
-                page.screenshot(path=str(screenshot), full_page=True)
+                page.screenshot(path=str(screenshot), full_page=full_page)
         finally:
             context.close()
     return report

@@ -120,7 +120,9 @@ def write_gallery(run: str | Path, output: str | Path | None = None) -> Path:
         "error",
     ):
         if facts.get(key) is not None:
-            parts.append(f"<tr><td>{_e(key)}</td><td>{_e(facts[key])}</td></tr>")
+            value = facts[key]
+            shown = f"{value:.3f}" if isinstance(value, float) else value
+            parts.append(f"<tr><td>{_e(key.replace('_', ' '))}</td><td>{_e(shown)}</td></tr>")
     parts.append("</table>")
 
     before = _read_chains(run / "eval" / "heldout_before.json")

@@ -73,7 +73,7 @@ def build_model_card(
     lines = [
         f"# {repo_id.split('/')[-1] if repo_id else 'mtflow LoRA'}",
         "",
-        "A LoRA for FLUX.1-Kontext trained with [mtflow](https://pypi.org/project/mtflow/) by multi-turn "
+        "A LoRA for FLUX.1-Kontext trained with mtflow by multi-turn "
         "reinforcement learning: K-turn edit chains rolled out on the model's own outputs, scored per turn by a VLM "
         "judge for instruction following and content consistency, so that a chain of edits survives.",
         "",
