@@ -34,7 +34,8 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mtflow import __version__
@@ -49,6 +50,7 @@ from mtflow.training.callbacks import (
     RunStatusWriter,
 )
 from mtflow.training.callbacks.checkpoint import newest_checkpoint, resume_candidates
+from mtflow.training.callbacks.config import RunConfigSaver
 from mtflow.training.migrate import migrate_hparams
 from mtflow.training.module import FlowRLModule
 
@@ -66,6 +68,10 @@ class MtflowTrainer(Trainer):
         output_dir: str = "lora_export",
         adapter: Literal["default", "ema"] = "default",
         datamodule: ChainDataModule | None = None,
+        push_to_hub: str | None = None,
+        model_card_only: bool = False,
+        private: bool = True,
+        hub_token_env: str = "HF_TOKEN",
         weights_only: bool | None = None,
     ) -> Path:
         """Write a trained LoRA as ``pytorch_lora_weights.safetensors`` for diffusers and ComfyUI.
@@ -76,12 +82,27 @@ class MtflowTrainer(Trainer):
             ckpt_path: a checkpoint written by ``mtflow fit`` ("last": the newest of the config's run).
             output_dir: folder to write into.
             adapter: "default" (the trained adapter) or "ema".
+            push_to_hub: a Hub repository (``user/name``): write a model card (README.md) next to the LoRA and
+                upload both (created private unless ``private`` is false).
+            model_card_only: write (and with ``push_to_hub`` upload) only the model card, not the weights.
+            private: create the Hub repository as private.
+            hub_token_env: environment variable holding the Hub token.
             weights_only: accepted so that a run's saved ``config.yaml`` (which holds fit's value) can be passed;
                 export always reads the checkpoint as data only, so ``false`` is refused.
         """
         policy = None if model is None else type(model.policy)
         layout = None if policy is None else f"{policy.__module__}.{policy.__qualname__}"
-        return export_lora(ckpt_path, output_dir, adapter, weights_only, policy_class=layout)
+        return export_lora(
+            ckpt_path,
+            output_dir,
+            adapter,
+            weights_only,
+            policy_class=layout,
+            push_to_hub=push_to_hub,
+            model_card_only=model_card_only,
+            private=private,
+            hub_token_env=hub_token_env,
+        )
 
 
 def export_lora(
@@ -90,15 +111,35 @@ def export_lora(
     adapter: str,
     weights_only: bool | None = None,
     policy_class: str | None = None,
+    push_to_hub: str | None = None,
+    model_card_only: bool = False,
+    private: bool = True,
+    hub_token_env: str = "HF_TOKEN",
 ) -> Path:
     """``mtflow export``: the checkpoint's adapter as ``pytorch_lora_weights.safetensors`` in the layout of
-    ``policy_class`` (a class path; None: FLUX.1-Kontext's)."""
+    ``policy_class`` (a class path; None: FLUX.1-Kontext's), with a model card and a Hub upload when asked
+    (``MtflowTrainer.export`` documents the options)."""
     from mtflow.export import export_checkpoint
 
     if weights_only is False:
         raise CheckpointError(
             f"{ckpt_path}: export reads checkpoints as data only; weights_only=false is refused"
         )
+    if push_to_hub is not None or model_card_only:
+        from mtflow.workflow.hub import share_export
+
+        path = share_export(
+            ckpt_path,
+            output_dir,
+            adapter,
+            push_to_hub,
+            model_card_only,
+            private,
+            hub_token_env,
+            policy=_layout_of(policy_class),
+        )
+        print(f"wrote {Path(output_dir)}")
+        return path
     path = export_checkpoint(ckpt_path, output_dir, adapter=adapter, policy=_layout_of(policy_class))
     print(f"wrote {path}")
     return path
@@ -161,20 +202,19 @@ def _init_defaults(class_path: str) -> dict[str, Any]:
     return {p.name: (None if p.default is p.empty else p.default) for p in signature.parameters.values()}
 
 
-class SecretFreeSaveConfig(SaveConfigCallback):
-    """LightningCLI's ``config.yaml`` of the run, without secrets: a token given on the command line
-    (``--model.scorer.init_args.token``) is replaced by its default, and the run's copy says to use ``token_env``."""
+class SecretFreeSaveConfig(RunConfigSaver):
+    """The run's ``config.yaml`` and the loggers' hyperparameters (``RunConfigSaver``), without secrets: a token
+    given on the command line (``--model.scorer.init_args.token``) is replaced by its default, and the run's copy
+    says to use ``token_env``."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if not self.already_saved:
             self.config = self.config.clone()
             removed = redact_secrets(self.config)
-            if removed and trainer.is_global_zero:
-                logging.getLogger(__name__).warning(
-                    "not written to the run's %s: %s (secrets stay off disk; give them with token_env / "
-                    "api_key_env when re-using that config)",
-                    self.config_filename,
-                    ", ".join(removed),
+            if removed:
+                rank_zero_warn(
+                    f"not written to the run's {self.config_filename}: {', '.join(removed)} (secrets stay off "
+                    "disk; give them with token_env / api_key_env when re-using that config)"
                 )
         super().setup(trainer, pl_module, stage)
 
@@ -272,6 +312,10 @@ class MtflowCLI(LightningCLI):
                 config["adapter"],
                 config.get("weights_only"),
                 policy_class=config.get("model.policy.class_path"),
+                push_to_hub=config.get("push_to_hub"),
+                model_card_only=bool(config.get("model_card_only")),
+                private=config.get("private", True),
+                hub_token_env=config.get("hub_token_env", "HF_TOKEN"),
             )
             return
         super()._run_subcommand(subcommand)
@@ -350,6 +394,9 @@ EXTRA_HELP = (
     "mtflow sweep (expand, run and collect G x T ablation sweeps), "
     "mtflow check (a config's checks and per-GPU memory / time plan before any weight is loaded; also "
     "mtflow fit ... --dry_run), "
+    "mtflow data build-chains (training chains from images by a VLM), "
+    "mtflow edit (a K-turn edit of one's own image), "
+    "mtflow runs ls|show|gallery (runs, one run, its static HTML page), "
     "mtflow --version. "
     "Without --config, `mtflow fit` runs the embedded toy world (configs/toy.yaml)."
 )
@@ -465,14 +512,19 @@ def _serve_reward(args: Sequence[str]) -> None:
 
 
 def _data(args: Sequence[str]) -> None:
-    usage = "usage: mtflow data convert-edival [options]   (see: mtflow data convert-edival --help)"
+    usage = "usage: mtflow data convert-edival|build-chains [options]   (see: mtflow data <command> --help)"
     if not args or args[0] in ("-h", "--help"):
         print(usage)
+        return
+    if args[0] == "build-chains":
+        from mtflow.workflow.chains import main as build_main
+
+        build_main(list(args[1:]))
         return
     if args[0] != "convert-edival":  # as argparse does: usage, then the error as the last line, status 2
         print(usage, file=sys.stderr)
         print(
-            f"mtflow data: error: unknown data command {args[0]!r} (choose from: convert-edival)",
+            f"mtflow data: error: unknown data command {args[0]!r} (choose from: build-chains, convert-edival)",
             file=sys.stderr,
         )
         raise SystemExit(2)
@@ -497,11 +549,25 @@ def _sweep(args: Sequence[str]) -> None:
         raise SystemExit(code)  # `mtflow sweep collect` on an unfinished sweep must not exit 0
 
 
+def _edit(args: Sequence[str]) -> None:
+    from mtflow.workflow.edit import main as edit_main
+
+    edit_main(list(args))
+
+
+def _runs(args: Sequence[str]) -> None:
+    from mtflow.workflow.runs import main as runs_main
+
+    runs_main(list(args))
+
+
 EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "serve-reward": _serve_reward,
     "data": _data,
     "sweep": _sweep,
     "check": _check,
+    "edit": _edit,
+    "runs": _runs,
 }
 
 

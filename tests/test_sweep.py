@@ -553,7 +553,12 @@ def test_the_trainer_writes_status_json_through_the_one_run_status(tmp_path):
     writer = RunStatusWriter()
     writer.on_fit_start(trainer, module)
     running = RunStatus.read(tmp_path / "run")
-    assert (running.status, running.samples_seen, running.iteration, running.error) == ("running", 48, 3, None)
+    assert (running.status, running.samples_seen, running.iteration, running.error) == (
+        "running",
+        48,
+        3,
+        None,
+    )
     module.iteration, module.samples_seen = 4, 64
     writer.on_train_batch_end(trainer, module, None, None, 0)
     writer.on_exception(trainer, module, RuntimeError("judge unreachable"))

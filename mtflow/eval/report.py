@@ -222,6 +222,43 @@ def make_turn_curves_figure(report: EvalReport) -> Figure:
     return figure
 
 
+BEFORE_LABEL, AFTER_LABEL = "before RL", "after RL"
+
+
+def make_before_after_figure(before: EvalReport, after: EvalReport, condition: str = "model") -> Figure:
+    """``make_turn_curves_figure`` of one condition before and after RL on the same axes: C_k, CC_k, O_k and M_k
+    against turn k, each with its bootstrap band (lines labelled ``before RL`` / ``after RL``)."""
+    combined = EvalReport(
+        conditions={BEFORE_LABEL: before.conditions[condition], AFTER_LABEL: after.conditions[condition]},
+        primary=AFTER_LABEL,
+    )
+    figure = make_turn_curves_figure(combined)
+    figure.suptitle(
+        f"held-out chains before and after RL ({after.conditions[condition].num_scored_chains} chains)"
+    )
+    return figure
+
+
+def before_after_rows(
+    before: EvalReport, after: EvalReport, condition: str = "model"
+) -> tuple[list[str], list[list[Any]]]:
+    """The before/after table as columns and rows (per turn: C_k, CC_k, O_k, M_k before and after, rounded to
+    0.1; None where undefined), for loggers that take tables."""
+    a, b = before.conditions[condition], after.conditions[condition]
+    columns = ["turn"]
+    for name in ("C_k", "CC_k", "O_k", "M_k"):
+        columns += [f"{name} before", f"{name} after"]
+    rows = []
+    for k in range(a.num_turns):
+        row: list[Any] = [k + 1]
+        for attribute in ("cumulative_success", "consistency", "overall", "marginal_success"):
+            for metrics in (a, b):
+                value = getattr(metrics, attribute)[k].value
+                row.append(None if math.isnan(value) else round(value, 1))
+        rows.append(row)
+    return columns, rows
+
+
 def _caption_font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -362,11 +399,15 @@ __all__ = [
     "REPORT_FORMAT",
     "REPORT_JSON",
     "REPORT_MARKDOWN",
+    "AFTER_LABEL",
+    "BEFORE_LABEL",
     "EvalReport",
     "ReportFiles",
+    "before_after_rows",
     "chain_grid",
     "chain_grid_captions",
     "format_estimate",
+    "make_before_after_figure",
     "make_turn_curves_figure",
     "read_report",
     "render_markdown",
