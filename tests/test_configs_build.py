@@ -34,6 +34,10 @@ STACKS: dict[str, tuple[str, ...]] = {
     "toy_drift.yaml": ("toy.yaml",),
     "tiny/grpo.yaml": (),
     "tiny/nft.yaml": (),
+    "tiny/qwen_image_edit_grpo.yaml": (),
+    "tiny/qwen_image_edit_nft.yaml": (),
+    "tiny/flux2_klein_grpo.yaml": (),
+    "tiny/flux2_klein_nft.yaml": (),
     "flux_kontext.yaml": (),
     "flux_kontext_grpo.yaml": ("flux_kontext.yaml",),
     "flux_kontext_nft.yaml": ("flux_kontext.yaml",),
@@ -92,38 +96,47 @@ def test_every_yaml_is_covered():
 # ---------------------------------------------------------------------------------------------- loopback services
 @pytest.fixture(scope="module")
 def reward_service():
-    """The reward service (a BrightnessScorer behind mtflow's server app) on loopback, bearer token required."""
-    app = create_app(BrightnessScorer(), token="loopback-secret")
-    with BackgroundServer(app) as server:
-        yield server.url
+    """Two reward services (a BrightnessScorer behind mtflow's server app) on loopback, bearer token required: a
+    config listing several endpoints gets distinct ones (a URL listed twice is refused)."""
+    first = create_app(BrightnessScorer(), token="loopback-secret")
+    second = create_app(BrightnessScorer(), token="loopback-secret")
+    with BackgroundServer(first) as one, BackgroundServer(second) as two:
+        yield one.url, two.url
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_kontext_path) -> Path:
+def workdir(tmp_path_factory, tiny_kontext_path, tiny_qwen_image_edit_path, tiny_flux2_klein_path) -> Path:
     """The relative paths the shipped configs name (data/train.jsonl, data/edival.jsonl, manifest.jsonl,
-    tiny-kontext), as in a user's working folder."""
+    tiny-kontext and the other tiny editors), as in a user's working folder."""
     root = tmp_path_factory.mktemp("workdir")
     manifest = write_random_manifest(root / "data", num_chains=4, num_turns=3)
     for name in ("train.jsonl", "edival.jsonl"):
         shutil.copy(manifest, root / "data" / name)
     write_random_manifest(root, num_chains=4, num_turns=2)  # ./manifest.jsonl of configs/tiny
     (root / "tiny-kontext").symlink_to(tiny_kontext_path)
+    (root / "tiny-qwen-image-edit").symlink_to(tiny_qwen_image_edit_path)
+    (root / "tiny-flux2-klein").symlink_to(tiny_flux2_klein_path)
     return root
 
 
-def _endpoints(value: Any, url: str, path: str = "") -> tuple[Any, list[str]]:
-    """``value`` with every http(s) URL replaced by ``url`` (keeping an OpenAI ``/v1`` suffix); the keys replaced."""
+def _endpoints(value: Any, url: str | tuple[str, ...], path: str = "") -> tuple[Any, list[str]]:
+    """``value`` with every http(s) URL replaced by ``url`` (keeping an OpenAI ``/v1`` suffix); the keys replaced.
+    Several ``url``: the i-th URL of a list gets the i-th of them (round robin), a single URL the first."""
+    urls = (url,) if isinstance(url, str) else tuple(url)
     if isinstance(value, dict):
         out, found = {}, []
         for key, item in value.items():
-            out[key], inner = _endpoints(item, url, f"{path}.{key}")
+            out[key], inner = _endpoints(item, urls, f"{path}.{key}")
             found += inner
         return out, found
     if isinstance(value, list):
-        pairs = [_endpoints(item, url, f"{path}[{i}]") for i, item in enumerate(value)]
+        pairs = [
+            _endpoints(item, urls[i % len(urls) :] + urls[: i % len(urls)], f"{path}[{i}]")
+            for i, item in enumerate(value)
+        ]
         return [p[0] for p in pairs], [k for p in pairs for k in p[1]]
     if isinstance(value, str) and value.startswith(("http://", "https://")):
-        return url + ("/v1" if value.rstrip("/").endswith("/v1") else ""), [path]
+        return urls[0] + ("/v1" if value.rstrip("/").endswith("/v1") else ""), [path]
     return value, []
 
 
@@ -147,7 +160,7 @@ def _items(num: int = 3, turns: int = 2) -> list[ScoringItem]:
 
 # ---------------------------------------------------------------------------------------------- fit configs
 def _build(
-    args: list[str], workdir: Path, reward_url: str, tmp_path: Path, monkeypatch
+    args: list[str], workdir: Path, reward_url: tuple[str, ...], tmp_path: Path, monkeypatch
 ) -> tuple[MtflowCLI, dict]:
     monkeypatch.chdir(workdir)
     monkeypatch.setenv(TOKEN_ENV, "loopback-secret")

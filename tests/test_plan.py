@@ -293,6 +293,10 @@ def test_dry_run_prints_the_toy_plan_and_a_bad_key_is_one_line(tmp_path):
             "--config",
             "configs/toy.yaml",
             "--dry_run",
+            "--gpu_memory_gb",
+            str(10 / 1024),  # 10 MiB
+            "--headroom_gb",
+            "0",
             "--output",
             str(out),
         ],

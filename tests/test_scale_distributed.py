@@ -82,7 +82,7 @@ def runs(tiny_kontext_path, tmp_path_factory):
             "lora": torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
                 "state_dict"
             ],
-            "images": sorted((run / "images").iterdir()),
+            "images": sorted((run / "images").glob("*.png")),  # the captioned grids
         }
     return out
 

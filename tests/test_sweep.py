@@ -86,6 +86,7 @@ def test_expand_writes_one_config_per_run_resolved_by_the_cli_parser(tmp_path):
         "store_dtype": "float32",  # the module's defaults, filled in by the parser
         "kernels": "auto",
         "chain_through": "pixels",
+        "unsharded": "auto",
     }
     assert (
         config["model"]["advantage"]["lambda_cc"] == 0.5

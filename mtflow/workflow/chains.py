@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,11 +180,19 @@ def test_set_hashes(exclude: list[str], image_column: str) -> tuple[set[str], li
 
 
 def _manifest_image(image: SourceImage, digest: str, decoded: Image.Image, output_dir: Path) -> str:
-    """The manifest's ``image`` value: the file relative to the manifests, or a copy for a dataset row."""
-    if image.path is not None:
-        return Path(os.path.relpath(image.path.resolve(), output_dir.resolve())).as_posix()
-    relative = f"images/{digest[:16]}.png"
+    """The manifest's ``image`` value: the file relative to the manifests when it lies inside their folder, else a
+    copy under ``images/`` (the file's own bytes; a dataset row as PNG). ``mtflow fit`` reads manifest images only
+    inside the manifest's folder (``allow_outside_paths``), and a self-contained folder is what gets copied to a
+    cluster."""
     (output_dir / "images").mkdir(exist_ok=True)
+    if image.path is not None:
+        source, root = image.path.resolve(), output_dir.resolve()
+        if source.is_relative_to(root):
+            return source.relative_to(root).as_posix()
+        relative = f"images/{digest[:16]}{image.path.suffix.lower()}"
+        shutil.copyfile(source, output_dir / relative)
+        return relative
+    relative = f"images/{digest[:16]}.png"
     decoded.save(output_dir / relative)
     return relative
 

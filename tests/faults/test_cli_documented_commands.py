@@ -56,9 +56,9 @@ def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _readme_command(prefix: str) -> str:
-    """The README's command line starting with ``prefix`` (its trailing comment removed)."""
+    """The README's first command line starting with ``prefix`` (its trailing comment removed)."""
     readme = (REPO / "README.md").read_text()
-    (line,) = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith(prefix)]
+    line = next(ln.strip() for ln in readme.splitlines() if ln.strip().startswith(prefix))
     return line.split("  #")[0].strip()
 
 
@@ -164,11 +164,16 @@ def _check_module(module: str, tmp_path: Path, tiny_qwen3vl_path: Path) -> None:
     if module == "mtflow":
         done = subprocess.run([*python, "--version"], capture_output=True, text=True, env=_env(), timeout=300)
         assert done.returncode == 0 and done.stdout.startswith("mtflow "), done.stderr[-2000:]
-    elif module in ("mtflow.testing.tiny_kontext", "mtflow.testing.tiny_qwen3vl"):
+    elif module in (
+        "mtflow.testing.tiny_kontext",
+        "mtflow.testing.tiny_qwen3vl",
+        "mtflow.testing.tiny_qwen_image_edit",
+        "mtflow.testing.tiny_flux2_klein",
+    ):
         out = tmp_path / module.rsplit(".", 1)[-1]
         done = subprocess.run([*python, str(out)], capture_output=True, text=True, env=_env(), timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        marker = "model_index.json" if module.endswith("tiny_kontext") else "config.json"
+        marker = "config.json" if module.endswith("tiny_qwen3vl") else "model_index.json"
         assert done.stdout.strip().splitlines()[-1] == str(out) and (out / marker).is_file()
     elif module == "mtflow.environment":
         done = subprocess.run(python, capture_output=True, text=True, env=_env(), timeout=300)

@@ -108,7 +108,7 @@ def test_nested_secrets_go_back_to_their_defaults():
         "model.scorer.init_args.backend.init_args.api_key",
         "trainer.callbacks[0].init_args.token",
     ]
-    assert config.model.scorer.init_args.backend.init_args.api_key == "EMPTY"  # OpenAIBackend's default
+    assert config.model.scorer.init_args.backend.init_args.api_key is None  # OpenAIBackend's default
     assert config.trainer.callbacks[0].init_args.token is None
     assert config.model.scorer.init_args.backend.init_args.base_url == "http://x/v1"  # the rest stays
     assert redact_secrets(config) == []  # defaults are not secrets

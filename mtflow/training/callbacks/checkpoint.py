@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 from mtflow.checkpoints import use_atomic_checkpoint_io
+from mtflow.training.callbacks.rundir import run_dir
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,10 @@ class IterationCheckpoint(ModelCheckpoint):
     # ------------------------------------------------------------------ when to save
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if not self._dirpath_given:
+            # <run>/checkpoints: Lightning's default is <save_dir>/<project>/<run id>/checkpoints for W&B and
+            # other loggers without a versioned log_dir, i.e. outside the run folder everything else writes into
+            self.dirpath = str(run_dir(trainer) / "checkpoints")
         use_atomic_checkpoint_io(trainer.strategy)  # before anything is restored or saved
 
     def on_train_start(self, trainer, pl_module) -> None:
