@@ -27,8 +27,6 @@ from mtflow.sweeps.launchers import (
     default_fit_command,
     run_in_process,
     run_local,
-    write_slurm_array,
-    write_wandb_sweep,
 )
 from mtflow.sweeps.plan import SweepPlan, SweepRun, load_plan
 from mtflow.sweeps.plots import (
@@ -37,6 +35,7 @@ from mtflow.sweeps.plots import (
     make_metric_vs_group_figure,
     make_reward_curves_figure,
 )
+from mtflow.sweeps.schedulers import write_slurm_array, write_wandb_sweep
 from mtflow.sweeps.status import RunStatus, SweepError, mark_failed
 
 __all__ = [

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from mtflow.sweeps.collect import collect
 from mtflow.sweeps.grid import DEFAULT_GROUP_KEY, DEFAULT_STEPS_KEY, expand_grid, load_grid
-from mtflow.sweeps.launchers import default_fit_command, run_local, write_slurm_array, write_wandb_sweep
+from mtflow.sweeps.launchers import default_fit_command, run_local
+from mtflow.sweeps.schedulers import write_slurm_array, write_wandb_sweep
 from mtflow.sweeps.status import RunStatus, SweepError, mark_failed
 
 
